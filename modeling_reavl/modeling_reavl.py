@@ -555,6 +555,27 @@ class ReavlModel(ReavlPreTrainedModel):
         _, pooled = self.encode_knowledge(knowledge_input_ids, knowledge_attention_mask)
         return self.retrieval_head.key(pooled)
 
+    def knowledge_encoder_parameters(self):
+        """(name, parameter) pairs that determine the retrieval keys: the knowledge encoder and the key projection."""
+        encoder = self.knowledge_model if self.knowledge_model is not None else self.text_model
+        yield from encoder.named_parameters()
+        yield "retrieval_head.key_weight", self.retrieval_head.key_weight
+
+    @torch.no_grad()
+    def knowledge_encoder_fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) of the weights that produce the retrieval keys, as float32 bytes.
+
+        A knowledge index stores the fingerprint of the encoder that embedded it; a retriever refuses to serve a
+        model whose fingerprint differs, because its keys would live in another space than the queries.
+        """
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name, parameter in sorted(self.knowledge_encoder_parameters(), key=lambda item: item[0]):
+            digest.update(name.encode())
+            digest.update(parameter.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def get_query_embeddings(
         self,
         pixel_values: torch.Tensor | None = None,
