@@ -17,6 +17,8 @@ REAVL_AUTO_MAP = {
     "AutoModelForPreTraining": "modeling_reavl.ReavlForPreTraining",
     "AutoModelForVisualQuestionAnswering": "modeling_reavl.ReavlForQuestionAnswering",
     "AutoModelForZeroShotImageClassification": "modeling_reavl.ReavlForImageTextRetrieval",
+    "AutoModelForMultipleChoice": "modeling_reavl.ReavlForEntityLinking",
+    "AutoModelForSequenceClassification": "modeling_reavl.ReavlForImageTextClassification",
 }
 
 

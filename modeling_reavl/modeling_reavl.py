@@ -905,7 +905,14 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             positive[
                 torch.arange(batch_size, device=logits.device).repeat_interleave(num_entries), own_slots
             ] = knowledge_labels.reshape(-1) > 0
-            alignment_loss = multi_positive_contrastive_loss(logits, positive)
+            # Align both the pair's query and the image-only query: knowledge questions rarely name the entity, so
+            # retrieval must also work from the image alone (the text half of the query then carries no identity).
+            image_only_query = self.reavl.retrieval_head.query(None, parts["image_pooled"])
+            image_logits = image_only_query @ all_keys.t() / self.config.retrieval_temperature
+            alignment_loss = (
+                multi_positive_contrastive_loss(logits, positive)
+                + multi_positive_contrastive_loss(image_logits, positive)
+            ) / 2
         return itc_loss, alignment_loss, logits_per_image, logits_per_text
 
     def _itm_loss(self, parts: dict[str, Any]):
@@ -1088,4 +1095,376 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
         )
 
 
-__all__ = ["ReavlPreTrainedModel", "ReavlModel", "ReavlForPreTraining"]
+# --------------------------------------------------------------------------------------------------------------------
+# Downstream heads
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReavlTaskOutput(ModelOutput):
+    r"""
+    Output of the REAVL task heads. `K` entries of knowledge per example (the candidates, for entity linking).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): task loss, when labels were given.
+        logits (`torch.FloatTensor`): task scores: `(batch, num_labels)` for answers and classes, `(batch, K)`
+            over the candidates for entity linking.
+        knowledge_indices (`torch.LongTensor` of shape `(batch, K)`, *optional*): index rows of the entries used.
+        knowledge_scores (`torch.FloatTensor` of shape `(batch, K)`): their retrieval scores.
+        knowledge_gates (`torch.FloatTensor` of shape `(batch, K)`): how much each entry was let into the fusion.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    knowledge_indices: torch.LongTensor | None = None
+    knowledge_scores: torch.FloatTensor | None = None
+    knowledge_gates: torch.FloatTensor | None = None
+
+
+@dataclass
+class ReavlImageTextRetrievalOutput(ModelOutput):
+    r"""
+    Output of [`ReavlForImageTextRetrieval`] (CLIP-style, so the zero-shot-image-classification pipeline reads it).
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*): symmetric ITC loss when `return_loss=True`.
+        logits_per_image (`torch.FloatTensor` of shape `(num_images, num_texts)`): scaled image-text similarities.
+        logits_per_text (`torch.FloatTensor` of shape `(num_texts, num_images)`): the transpose.
+        image_embeds (`(num_images, projection_dim)`), text_embeds (`(num_texts, projection_dim)`): L2-normalised.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+
+
+class ReavlClassifierHead(nn.Module):
+    """Two-layer classifier over the fused [CLS] state (as VQA heads of ViLT/BLIP do)."""
+
+    def __init__(self, config: ReavlConfig, input_size: int, num_labels: int):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.dense = nn.Linear(input_size, 2 * hidden)
+        self.norm = nn.LayerNorm(2 * hidden, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.fusion_dropout)
+        self.out_proj = nn.Linear(2 * hidden, num_labels)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.dropout(self.norm(F.gelu(self.dense(pooled)))))
+
+
+class _ReavlTaskModel(ReavlPreTrainedModel):
+    """Shared plumbing of the task heads: the base model at `.reavl`, retriever attachment, knowledge kwargs."""
+
+    def set_retriever(self, retriever) -> None:
+        """Attach a retriever to the base model (see [`ReavlModel.set_retriever`])."""
+        self.reavl.set_retriever(retriever)
+
+    @property
+    def retriever(self):
+        return self.reavl.retriever
+
+    def _task_output(self, loss, logits, parts) -> ReavlTaskOutput:
+        knowledge = parts["knowledge"]
+        return ReavlTaskOutput(
+            loss=loss,
+            logits=logits,
+            knowledge_indices=parts["knowledge_indices"],
+            knowledge_scores=knowledge["scores"],
+            knowledge_gates=knowledge["gates"],
+        )
+
+
+class ReavlForQuestionAnswering(_ReavlTaskModel):
+    """Knowledge-based VQA as classification over an answer vocabulary (`config.id2label`), trained with soft VQA
+    targets (binary cross-entropy on the annotators' scores).
+
+    ```python
+    >>> outputs = model(**processor(images=image, text="What language is spoken here?", return_tensors="pt"))
+    >>> model.config.id2label[outputs.logits.argmax(-1).item()]
+    ```
+    """
+
+    def __init__(self, config: ReavlConfig):
+        super().__init__(config)
+        self.reavl = ReavlModel(config)
+        self.vqa_head = ReavlClassifierHead(config, config.text_config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        knowledge_input_ids: torch.Tensor | None = None,
+        knowledge_attention_mask: torch.Tensor | None = None,
+        knowledge_scores: torch.Tensor | None = None,
+        knowledge_indices: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_knowledge: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReavlTaskOutput:
+        r"""
+        labels (`torch.FloatTensor` of shape `(batch, num_labels)`, *optional*): soft answer scores in [0, 1]
+            (e.g. min(#annotators giving the answer / 3, 1)).
+        """
+        parts = self.reavl.run_parts(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask,
+            knowledge_scores, knowledge_indices, use_knowledge,
+        )
+        logits = self.vqa_head(parts["fused"][:, 0])
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape:
+                raise ValueError(
+                    f"labels must be soft answer scores of shape (batch, num_labels) = {tuple(logits.shape)}, "
+                    f"got {tuple(labels.shape)}"
+                )
+            loss = soft_target_bce_loss(logits, labels.to(logits.dtype))
+        return self._task_output(loss, logits, parts)
+
+
+class ReavlForEntityLinking(_ReavlTaskModel):
+    """Multimodal entity linking: scores a mention (sentence + image, with the mention span) against knowledge
+    entries. The candidates are the knowledge entries (retrieved, with the gold one forced in during training by
+    the collator); the loss is a cross-entropy over the candidates.
+
+    Score of candidate k: `<W_m mention, W_e entry_k> / (sqrt(d) * T) + w * retrieval_logit_k / T`, where the mention
+    vector is the fused states averaged over the mention span (the fused [CLS] without a span).
+    """
+
+    def __init__(self, config: ReavlConfig):
+        super().__init__(config)
+        self.reavl = ReavlModel(config)
+        hidden = config.text_config.hidden_size
+        self.mention_projection = nn.Linear(hidden, hidden)
+        self.entity_projection = nn.Linear(config.knowledge_encoder_config.hidden_size, hidden)
+        self.retrieval_weight = nn.Parameter(torch.ones(1))
+        self.post_init()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            init.ones_(module.retrieval_weight)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        knowledge_input_ids: torch.Tensor | None = None,
+        knowledge_attention_mask: torch.Tensor | None = None,
+        knowledge_scores: torch.Tensor | None = None,
+        knowledge_indices: torch.Tensor | None = None,
+        mention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_knowledge: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReavlTaskOutput:
+        r"""
+        knowledge_input_ids, knowledge_attention_mask (`(batch, K, length)`): the candidate entries (retrieved by an
+            attached retriever when absent).
+        mention_mask (`(batch, text_length)`, *optional*): 1 on the mention's tokens.
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*): position of the gold entity among the
+            candidates (-100 when it is not among them: such examples are left out of the loss).
+        """
+        parts = self.reavl.run_parts(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask,
+            knowledge_scores, knowledge_indices, use_knowledge=True,
+        )
+        knowledge = parts["knowledge"]
+        if knowledge["pooled"] is None:
+            raise ValueError(
+                "ReavlForEntityLinking needs candidate entries: pass knowledge_input_ids/knowledge_attention_mask "
+                "or attach a retriever with set_retriever (and num_knowledge > 0)"
+            )
+        fused = parts["fused"]
+        if not use_knowledge:
+            # Name-only ablation: the mention is read without the entries' tokens in the fusion.
+            fused = self.reavl.fuse(parts["text_states"], parts["attention_mask"], parts["image_states"])
+        if mention_mask is not None:
+            if mention_mask.shape != fused.shape[:2]:
+                raise ValueError(
+                    f"mention_mask must have the shape of input_ids {tuple(fused.shape[:2])}, "
+                    f"got {tuple(mention_mask.shape)}"
+                )
+            weights = mention_mask.to(fused.dtype).unsqueeze(-1)
+            has_span = weights.sum(dim=1) > 0
+            span_mean = (fused * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+            mention = torch.where(has_span, span_mean, fused[:, 0])
+        else:
+            mention = fused[:, 0]
+        mention = self.mention_projection(mention)
+        entities = self.entity_projection(knowledge["pooled"])
+        temperature = self.config.entity_linking_temperature
+        similarity = torch.einsum("bh,bkh->bk", F.normalize(mention, dim=-1), F.normalize(entities, dim=-1))
+        logits = (similarity + self.retrieval_weight * knowledge["retrieval_logits"]) / temperature
+        valid_entries = parts["knowledge_attention_mask"].any(dim=-1)
+        logits = logits.masked_fill(~valid_entries, torch.finfo(logits.dtype).min)
+        loss = None
+        if labels is not None:
+            if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+                raise ValueError(f"labels must have shape (batch,) = ({logits.shape[0]},), got {tuple(labels.shape)}")
+            if (labels != -100).any():
+                loss = F.cross_entropy(logits, labels, ignore_index=-100)
+            else:
+                loss = logits.sum() * 0.0
+        return self._task_output(loss, logits, parts)
+
+
+class ReavlForImageTextRetrieval(_ReavlTaskModel):
+    """Image-text retrieval: ITC scores (any number of images against any number of texts, so the built-in
+    `zero-shot-image-classification` pipeline works), and optional ITM re-ranking of the top candidates."""
+
+    def __init__(self, config: ReavlConfig):
+        super().__init__(config)
+        self.reavl = ReavlModel(config)
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReavlImageTextRetrievalOutput:
+        r"""
+        pixel_values (`(num_images, channels, height, width)`), input_ids / attention_mask (`(num_texts, length)`).
+        return_loss (`bool`, *optional*): compute the symmetric ITC loss (needs num_images == num_texts: pairs).
+        """
+        if pixel_values is None or input_ids is None:
+            raise ValueError("ReavlForImageTextRetrieval needs pixel_values and input_ids")
+        image_embeds = self.reavl.get_image_features(pixel_values)
+        text_embeds = self.reavl.get_text_features(input_ids, attention_mask)
+        scale = self.reavl.logit_scale.exp().clamp(max=100.0)
+        logits_per_image = scale * image_embeds @ text_embeds.t()
+        loss = None
+        if return_loss:
+            if logits_per_image.shape[0] != logits_per_image.shape[1]:
+                raise ValueError(
+                    f"return_loss needs paired inputs, got {logits_per_image.shape[0]} images and "
+                    f"{logits_per_image.shape[1]} texts"
+                )
+            targets = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+            loss = (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.t(), targets)) / 2
+        return ReavlImageTextRetrievalOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_image.t(),
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
+        )
+
+    @torch.no_grad()
+    def itm_scores(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        knowledge_input_ids: torch.Tensor | None = None,
+        knowledge_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ITM match probability `(batch,)` of aligned (image, text) pairs, through the knowledge-augmented fusion."""
+        parts = self.reavl.run_parts(
+            pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask
+        )
+        return self.itm_head(parts["fused"][:, 0]).softmax(dim=-1)[:, 1]
+
+    @torch.no_grad()
+    def rerank(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        top_k: int = 16,
+    ) -> torch.Tensor:
+        """Image-to-text scores `(num_images, num_texts)`: ITC for all pairs, the top-`top_k` texts of each image
+        re-scored by ITM (added to the ITC logits, as BLIP's retrieval evaluation does)."""
+        logits = self(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask).logits_per_image
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        top_k = min(top_k, logits.shape[1])
+        reranked = logits.clone()
+        for image_index in range(logits.shape[0]):
+            candidates = logits[image_index].topk(top_k).indices
+            images = pixel_values[image_index : image_index + 1].expand(top_k, *pixel_values.shape[1:])
+            scores = self.itm_scores(images, input_ids[candidates], attention_mask[candidates])
+            reranked[image_index, candidates] = logits[image_index, candidates] + scores * logits.abs().max()
+        return reranked
+
+
+class ReavlForImageTextClassification(_ReavlTaskModel):
+    """Image-text pair classification: SNLI-VE style (one image, `config.classification_num_images=1`) or NLVR2
+    style (two images per statement, `classification_num_images=2`, fused separately and concatenated)."""
+
+    def __init__(self, config: ReavlConfig):
+        super().__init__(config)
+        self.reavl = ReavlModel(config)
+        hidden = config.text_config.hidden_size
+        self.classifier = ReavlClassifierHead(config, hidden * config.classification_num_images, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        knowledge_input_ids: torch.Tensor | None = None,
+        knowledge_attention_mask: torch.Tensor | None = None,
+        knowledge_scores: torch.Tensor | None = None,
+        knowledge_indices: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_knowledge: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ReavlTaskOutput:
+        r"""
+        pixel_values: `(batch, channels, height, width)`, or `(batch, 2, channels, height, width)` for two images.
+        labels (`torch.LongTensor` of shape `(batch,)`, *optional*): class ids.
+        """
+        num_images = self.config.classification_num_images
+        if pixel_values is None:
+            raise ValueError("ReavlForImageTextClassification needs pixel_values")
+        if num_images == 2:
+            if pixel_values.dim() != 5 or pixel_values.shape[1] != 2:
+                raise ValueError(
+                    "pixel_values must have shape (batch, 2, channels, height, width) for two-image classification, "
+                    f"got {tuple(pixel_values.shape)}"
+                )
+            pooled, gates, parts = [], [], None
+            for image_slot in range(2):
+                parts = self.reavl.run_parts(
+                    pixel_values[:, image_slot], input_ids, attention_mask, knowledge_input_ids,
+                    knowledge_attention_mask, knowledge_scores, knowledge_indices, use_knowledge,
+                )
+                pooled.append(parts["fused"][:, 0])
+            features = torch.cat(pooled, dim=-1)
+        else:
+            parts = self.reavl.run_parts(
+                pixel_values, input_ids, attention_mask, knowledge_input_ids, knowledge_attention_mask,
+                knowledge_scores, knowledge_indices, use_knowledge,
+            )
+            features = parts["fused"][:, 0]
+        logits = self.classifier(features)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, labels)
+        return self._task_output(loss, logits, parts)
+
+
+__all__ = [
+    "ReavlPreTrainedModel",
+    "ReavlModel",
+    "ReavlForPreTraining",
+    "ReavlForQuestionAnswering",
+    "ReavlForEntityLinking",
+    "ReavlForImageTextRetrieval",
+    "ReavlForImageTextClassification",
+]
