@@ -251,16 +251,21 @@ def _open_image(image):
     return image.convert("RGB")
 
 
-def _evaluation(eval_json: str | Path | None, architecture: str, model_title: str):
-    """(table rows, EvalResults, task, dataset) from the JSON `reavl evaluate` writes:
-    `{"task": ..., "dataset": ..., "split": ..., "full": {metric: value}, "no_knowledge": {metric: value}}`."""
+NON_METRIC_KEYS = ("loss",)  # reported by `reavl evaluate` next to the metrics, not a quality measure
+
+
+def _evaluation(eval_json: str | Path | None, architecture: str):
+    """(table rows, EvalResults, task, dataset name) from the JSON `reavl evaluate --json` writes:
+    `{"task": ..., "data": ..., "split": ..., "full": {metric: value, "timing": {...}}, "no_knowledge": {...}}`.
+
+    Only the base name of `data` reaches the card (the JSON holds local paths)."""
     from huggingface_hub import EvalResult
 
     if eval_json is None:
         return [], None, None, None
     path = Path(eval_json)
     if not path.is_file():
-        raise ExportError(f"evaluation JSON {path} does not exist; write it with `reavl evaluate --output-json {path}`")
+        raise ExportError(f"evaluation JSON {path} does not exist; write it with `reavl evaluate ... --json {path}`")
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -268,37 +273,32 @@ def _evaluation(eval_json: str | Path | None, architecture: str, model_title: st
     if not isinstance(report, dict) or not isinstance(report.get("full"), dict) or not report["full"]:
         raise ExportError(f'evaluation JSON {path} must hold {{"task": ..., "full": {{metric: value}}, "no_knowledge": {{...}}}}')
     ablation = report.get("no_knowledge") or {}
-    task = str(report.get("task") or EVALUATION_TASK_TYPES.get(architecture, "vision-language"))
-    dataset = report.get("dataset")
-    dataset_name = str(dataset.get("name") if isinstance(dataset, dict) else dataset or "evaluation set")
-    dataset_type = str(dataset.get("id") if isinstance(dataset, dict) else dataset or "custom")
-    split = report.get("split")
+    task = str(report.get("task") or architecture)
+    dataset_name = Path(str(report.get("dataset") or report.get("data") or "evaluation set")).name
     task_type = EVALUATION_TASK_TYPES.get(architecture, task)
     rows, results = [], []
     for metric in sorted(report["full"]):
-        full = report["full"][metric]
-        if not isinstance(full, (int, float)) or not math.isfinite(full):
+        full, without = report["full"][metric], ablation.get(metric)
+        if metric in NON_METRIC_KEYS or isinstance(full, bool) or not isinstance(full, (int, float)) or not math.isfinite(full):
             continue
-        without = ablation.get(metric)
+        has_ablation = isinstance(without, (int, float)) and not isinstance(without, bool) and math.isfinite(without)
         rows.append(
             {
                 "metric": metric,
                 "full": f"{full:.4f}",
-                "no_knowledge": f"{without:.4f}" if isinstance(without, (int, float)) else "n/a",
-                "difference": f"{full - without:+.4f}" if isinstance(without, (int, float)) else "n/a",
+                "no_knowledge": f"{without:.4f}" if has_ablation else "n/a",
+                "difference": f"{full - without:+.4f}" if has_ablation else "n/a",
             }
         )
-        common = dict(task_type=task_type, task_name=task, dataset_type=dataset_type, dataset_name=dataset_name,
-                      dataset_split=split, metric_type=metric)
+        common = dict(task_type=task_type, task_name=task, dataset_type="custom", dataset_name=dataset_name,
+                      dataset_split=report.get("split"), metric_type=metric)
         results.append(EvalResult(**common, metric_value=_round(full), metric_name=f"{metric} (full model)"))
-        if isinstance(without, (int, float)) and math.isfinite(without):
-            results.append(
-                EvalResult(**common, metric_value=_round(without), metric_name=f"{metric} (no knowledge)",
-                           metric_config="no_knowledge")
-            )
+        if has_ablation:
+            results.append(EvalResult(**common, metric_value=_round(without), metric_name=f"{metric} (no knowledge)",
+                                      metric_config="no_knowledge"))
     if not rows:
         raise ExportError(f"evaluation JSON {path} has no numeric metric under 'full'")
-    return rows, results, task, dataset_name if dataset else None
+    return rows, results, task, dataset_name
 
 
 def render_model_card(
@@ -321,7 +321,7 @@ def render_model_card(
     from modeling_reavl.pipeline_reavl import PIPELINES_BY_ARCHITECTURE
 
     config = model.config
-    rows, eval_results, evaluation_task, evaluation_dataset = _evaluation(eval_json, architecture, model_title)
+    rows, eval_results, evaluation_task, evaluation_dataset = _evaluation(eval_json, architecture)
     pipeline_task = PIPELINES_BY_ARCHITECTURE.get(architecture, (None,))[0]
     if architecture == "ReavlForImageTextRetrieval":
         pipeline_task = "zero-shot-image-classification"
@@ -378,7 +378,7 @@ def render_model_card(
         knowledge_rows=knowledge_info.get("rows", "?"),
         index_factory=knowledge_info.get("factory", "?"),
         encoder_fingerprint=knowledge_info.get("fingerprint", "?"),
-        example_image=Path(widget_paths[0]).name if widget_paths else "image.png",
+        example_image=widget_paths[0] if widget_paths else "image.png",
         example_question=(first.text if first else "What is shown in this image?").replace('"', "'"),
         example_mention=(first.mention or "") if first else "",
         example_labels=json.dumps(first.candidate_labels if first and first.candidate_labels else ["a photo"]),
