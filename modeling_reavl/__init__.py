@@ -44,6 +44,12 @@ for _model_class, _auto_class in _AUTO_CLASSES.items():
     _model_class.register_for_auto_class(_auto_class.__name__)
     _auto_class.register(ReavlConfig, _model_class, exist_ok=True)
 
+# In-process `pipeline("knowledge-vqa" | "multimodal-entity-linking", model=..., processor=...)`; exported folders
+# name their pipeline in config.json `custom_pipelines` instead (see pipeline_reavl.custom_pipelines_config).
+from .pipeline_reavl import register_pipelines  # noqa: E402
+
+register_pipelines()
+
 __all__ = [
     "ReavlConfig",
     "ReavlModel",
