@@ -371,13 +371,16 @@ class ReavlPreTrainedModel(PreTrainedModel):
         if isinstance(module, ReavlRetrievalHead):
             # Zero-shot retrieval must keep what a pretrained text tower knows: the query's text projection and the
             # key projection start as the same (semi-)orthogonal map, so query·key starts as the towers' cosine
-            # similarity, and the image part of the query starts at zero and is learnt in pre-training.
+            # similarity; the image part of the query starts small and is learnt in pre-training.
             init.orthogonal_(module.query_text_weight)
             if module.key_weight.shape == module.query_text_weight.shape:
                 init.copy_(module.key_weight, module.query_text_weight)
             else:
                 init.orthogonal_(module.key_weight)
-            init.zeros_(module.query_image_weight)
+            # Small, not zero: an image-only query must have a direction to normalise from the first step (a zero
+            # vector would send a ~1e12 gradient through F.normalize), yet the image part stays negligible beside
+            # the text part of a joint query, so zero-shot text retrieval is untouched.
+            init.normal_(module.query_image_weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, ReavlFusionLayer):
             init.constant_(module.knowledge_gate, self.config.knowledge_gate_init)
         elif isinstance(module, ReavlRelevanceGate):
