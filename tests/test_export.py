@@ -371,7 +371,7 @@ folder = json.load(open("paths.json"))["export"]
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 images = [Image.open("examples/widget-0.png").convert("RGB"), Image.open("second.png").convert("RGB")]
-inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, return_tensors="pt")
+inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, truncation=True, return_tensors="pt")
 result = {"config_class": type(config).__name__, "processor_class": type(processor).__name__,
           "custom_pipelines": config.custom_pipelines, "input_ids": inputs["input_ids"].tolist(),
           "pixel_sum": inputs["pixel_values"].sum().item(), "retriever_ids": processor.retriever.ids}
@@ -413,7 +413,7 @@ def test_remote_code_loads_and_matches_in_process(exported, trained, tmp_path):
 
     processor = ReavlProcessor.from_pretrained(trained)
     images = [Image.open(tmp_path / "examples/widget-0.png").convert("RGB"), make_image(2)]
-    inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, return_tensors="pt")
+    inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, truncation=True, return_tensors="pt")
     assert remote["config_class"] == "ReavlConfig" and remote["processor_class"] == "ReavlProcessor"
     assert remote["custom_pipelines"]["knowledge-vqa"]["impl"] == "pipeline_reavl.KnowledgeVQAPipeline"
     assert remote["input_ids"] == inputs["input_ids"].tolist()

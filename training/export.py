@@ -55,7 +55,10 @@ import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD_TEMPLATE = PROJECT_ROOT / "MODEL_CARD.md"
-LIBRARY_FILES = ("pipeline_reavl.py", "handler.py")  # copied from modeling_reavl/ next to the model code
+# Copied from modeling_reavl/ next to the model code. The handler serves the head's REAVL pipeline, so it ships only
+# with heads that have one (question answering, entity linking).
+LIBRARY_FILES = ("pipeline_reavl.py",)
+HANDLER_FILE = "handler.py"
 
 REPO_ID_PLACEHOLDER = "your-username/your-reavl-model"
 KNOWLEDGE_REVISION_PLACEHOLDER = "set-by-reavl-push"
@@ -316,6 +319,7 @@ def render_model_card(
     template_path: str | Path | None = None,
 ) -> str:
     """README.md text: MODEL_CARD.md rendered with `ModelCard.from_template` and `ModelCardData`."""
+    import transformers
     from huggingface_hub import ModelCard, ModelCardData
 
     from modeling_reavl.pipeline_reavl import PIPELINES_BY_ARCHITECTURE
@@ -326,7 +330,9 @@ def render_model_card(
     if architecture == "ReavlForImageTextRetrieval":
         pipeline_task = "zero-shot-image-classification"
     widget = []
-    for example, path in zip(widget_examples, widget_paths):
+    # The Hub renders widgets for its own tasks only: heads without a pipeline tag keep the examples for the usage
+    # snippet but get no widget metadata.
+    for example, path in zip(widget_examples if PIPELINE_TAGS.get(architecture) else [], widget_paths):
         entry: dict[str, Any] = {"src": path}
         if example.candidate_labels:
             entry["candidate_labels"] = ", ".join(example.candidate_labels)
@@ -361,6 +367,7 @@ def render_model_card(
         template_path=str(template),
         model_title=model_title,
         repo_id=REPO_ID_PLACEHOLDER,
+        transformers_version=transformers.__version__,
         architecture=architecture,
         head_description=HEAD_DESCRIPTIONS.get(architecture, architecture),
         pipeline_task=pipeline_task,
@@ -500,9 +507,12 @@ def find_absolute_paths(folder: Path, forbidden: list[str]) -> list[str]:
     return hits
 
 
-def _copy_library_files(destination: Path) -> None:
+def _copy_library_files(destination: Path, architecture: str) -> None:
+    from modeling_reavl.pipeline_reavl import PIPELINES_BY_ARCHITECTURE
+
     source = Path(__import__("modeling_reavl").__file__).parent
-    for name in LIBRARY_FILES:
+    names = LIBRARY_FILES + ((HANDLER_FILE,) if architecture in PIPELINES_BY_ARCHITECTURE else ())
+    for name in names:
         shutil.copyfile(source / name, destination / name)
 
 
@@ -522,7 +532,7 @@ def _write_export(
     model.config.custom_pipelines = custom_pipelines_config(architecture)
     model.save_pretrained(model_tmp)
     processor.save_pretrained(model_tmp)
-    _copy_library_files(model_tmp)
+    _copy_library_files(model_tmp, architecture)
 
     knowledge_info: dict[str, Any] = {}
     if index_dir is not None:

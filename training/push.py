@@ -174,10 +174,14 @@ def fill_model_card(readme: bytes, repo_id: str, resolve_base: str) -> bytes:
     if match is None:
         raise PushError("README.md has no YAML metadata block; re-run reavl export")
     metadata = yaml.safe_load(match.group(1)) or {}
-    for example in metadata.get("widget") or []:
-        source = example.get("src")
-        if isinstance(source, str) and not source.startswith(("http://", "https://")):
-            example["src"] = f"{resolve_base}/{source.lstrip('./')}"
+    relative = [
+        example for example in metadata.get("widget") or []
+        if isinstance(example.get("src"), str) and not example["src"].startswith(("http://", "https://"))
+    ]
+    if not relative:
+        return text.encode("utf-8")
+    for example in relative:
+        example["src"] = f"{resolve_base}/{example['src'].removeprefix('./')}"
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).strip()
     return f"---\n{front}\n---\n{text[match.end():]}".encode("utf-8")
 
