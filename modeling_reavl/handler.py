@@ -101,7 +101,9 @@ def decode_image(value: str | bytes | bytearray, where: str = "image") -> Image.
         try:
             raw = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
-            raise ValueError(f"{where} is not valid base64 ({error}); send the image file's bytes base64-encoded") from None
+            raise ValueError(
+                f"{where} is not valid base64 ({error}); send the image file's bytes base64-encoded"
+            ) from None
     elif isinstance(value, (bytes, bytearray)):
         raw = bytes(value)
     else:

@@ -183,9 +183,9 @@ class KnowledgeVQAPipeline(_ReavlEvidencePipeline):
         if indices is None or indices.shape[-1] == 0 or self.retriever is None:
             return []
         evidence = []
-        for row, score, gate in zip(
-            indices[0].tolist(), model_outputs["knowledge_scores"][0].tolist(), model_outputs["knowledge_gates"][0].tolist()
-        ):
+        scores = model_outputs["knowledge_scores"][0].tolist()
+        gates = model_outputs["knowledge_gates"][0].tolist()
+        for row, score, gate in zip(indices[0].tolist(), scores, gates):
             if row < 0:  # padding of an index with fewer rows than num_knowledge
                 continue
             entry_id, title = self._entry(row)
@@ -245,7 +245,9 @@ class EntityLinkingPipeline(_ReavlEvidencePipeline):
         )
         token_ids = encoding["input_ids"]
         if token_ids != input_ids[0, : len(token_ids)].tolist():
-            raise ValueError("the processor's tokenization of the sentence differs from its tokenizer's; cannot locate the mention")
+            raise ValueError(
+                "the processor's tokenization of the sentence differs from its tokenizer's; cannot locate the mention"
+            )
         mask = torch.zeros_like(input_ids)
         for position, (token_start, token_end) in enumerate(encoding["offset_mapping"]):
             if token_end > token_start and token_start < end and token_end > start:

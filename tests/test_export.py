@@ -50,6 +50,7 @@ KNOWLEDGE_BASE = [
     {"id": "Q6", "title": "Pyrian", "text": "Pyrian is the language spoken in Tarvik."},
 ]
 QUESTION = "Which country has this flag?"
+TEXTS = [QUESTION, "Which river crosses it?"]
 EVAL_REPORT = {
     "task": "vqa", "model": "/somewhere/runs/vqa", "data": "/somewhere/world/vqa_test.json", "split": "test",
     "num_examples": 40, "full": {"vqa_accuracy": 0.6125, "loss": 1.5, "timing": {"runtime": 2.0}},
@@ -191,7 +192,8 @@ def _absolute_path_hits(folder: Path, extra: list[str]) -> list[str]:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             continue
-        hits += [f"{path.relative_to(folder)} contains {marker}" for marker in (*ABSOLUTE_MARKERS, *extra) if marker in text]
+        markers = (*ABSOLUTE_MARKERS, *extra)
+        hits += [f"{path.relative_to(folder)} contains {marker}" for marker in markers if marker in text]
     return hits
 
 
@@ -253,7 +255,7 @@ def _index_of_other_encoder(folder: Path) -> None:
     [
         (_without_processor, r"has no processor \(processor_config\.json and tokenizer files\).*save_pretrained"),
         (_without_index, r"has no knowledge index at .*knowledge.*build it with `reavl build-index --model"),
-        (_index_of_other_encoder, r"does not fit this model: .*encoder fingerprint.*Re-embed it .*`reavl build-index"),
+        (_index_of_other_encoder, r"cannot serve this model: .*encoder fingerprint.*Rebuild it .*`reavl build-index"),
     ],
     ids=["no-processor", "no-index", "other-encoder"],
 )
@@ -371,7 +373,7 @@ folder = json.load(open("paths.json"))["export"]
 config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
 processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 images = [Image.open("examples/widget-0.png").convert("RGB"), Image.open("second.png").convert("RGB")]
-inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, truncation=True, return_tensors="pt")
+inputs = processor(images=images, text=TEXTS, padding=True, truncation=True, return_tensors="pt")
 result = {"config_class": type(config).__name__, "processor_class": type(processor).__name__,
           "custom_pipelines": config.custom_pipelines, "input_ids": inputs["input_ids"].tolist(),
           "pixel_sum": inputs["pixel_values"].sum().item(), "retriever_ids": processor.retriever.ids}
@@ -409,11 +411,11 @@ def test_remote_code_loads_and_matches_in_process(exported, trained, tmp_path):
     shutil.copytree(folder / "examples", tmp_path / "examples")
     make_image(2).save(tmp_path / "second.png")
     (tmp_path / "paths.json").write_text(json.dumps({"export": str(folder), "snippets": snippets}))
-    remote = run_isolated_json(REMOTE_CODE_CHECK.replace("QUESTION", repr(QUESTION)), cwd=tmp_path, timeout=240)
+    remote = run_isolated_json(REMOTE_CODE_CHECK.replace("TEXTS", repr(TEXTS)), cwd=tmp_path, timeout=240)
 
     processor = ReavlProcessor.from_pretrained(trained)
     images = [Image.open(tmp_path / "examples/widget-0.png").convert("RGB"), make_image(2)]
-    inputs = processor(images=images, text=[QUESTION, "Which river crosses it?"], padding=True, truncation=True, return_tensors="pt")
+    inputs = processor(images=images, text=TEXTS, padding=True, truncation=True, return_tensors="pt")
     assert remote["config_class"] == "ReavlConfig" and remote["processor_class"] == "ReavlProcessor"
     assert remote["custom_pipelines"]["knowledge-vqa"]["impl"] == "pipeline_reavl.KnowledgeVQAPipeline"
     assert remote["input_ids"] == inputs["input_ids"].tolist()

@@ -218,7 +218,8 @@ def test_handler_requests(qa_pipe):
         ({"inputs": {"question": QUESTION}}, 'has no "image": send the image as a base64 string'),
         ({"inputs": {"image": encoded}}, 'has no "question"'),
         ({"inputs": {"image": "%%%", "question": QUESTION}}, r'"inputs".image is not valid base64'),
-        ({"inputs": [{"image": encoded, "question": QUESTION}, {"question": QUESTION}]}, r'"inputs"\[1\] has no "image"'),
+        ({"inputs": [{"image": encoded, "question": QUESTION}, {"question": QUESTION}]},
+         r'"inputs"\[1\] has no "image"'),
         ({"inputs": {"image": encoded, "question": QUESTION}, "parameters": {"temperature": 1}}, "unknown parameters"),
         ({"image": encoded}, 'must be a JSON object with "inputs"'),
     ]:
@@ -232,9 +233,10 @@ def test_reavl_ask(qa_folder, qa_pipe, workdir, capsys):
     image_path = workdir / "ask.png"
     make_image(1).save(image_path)
     expected = qa_pipe(make_image(1), QUESTION, top_k=2)
-    assert main(["--model", str(qa_folder), "--image", str(image_path), "--question", QUESTION, "--top-k", "2", "--json"]) == 0
+    arguments = ["--model", str(qa_folder), "--image", str(image_path), "--question", QUESTION, "--top-k", "2"]
+    assert main(arguments + ["--json"]) == 0
     assert_same_result(json.loads(capsys.readouterr().out), expected)
-    assert main(["--model", str(qa_folder), "--image", str(image_path), "--question", QUESTION, "--top-k", "2"]) == 0
+    assert main(arguments) == 0
     table = capsys.readouterr().out
     assert expected["answers"][0]["answer"] in table and expected["evidence"][0]["title"] in table
     assert main(["--model", str(qa_folder), "--image", str(workdir / "missing.png"), "--question", QUESTION]) == 2
@@ -276,7 +278,8 @@ emit(result)
 def test_exported_pipelines_and_handler_in_fresh_interpreter(qa_folder, el_folder, qa_pipe, el_pipe, workdir, tmp_path):
     from transformers import ZeroShotImageClassificationPipeline
 
-    qa_export = export_model(qa_folder, workdir / "hub" / "qa", widget_examples=[WidgetExample(make_image(1), QUESTION)])
+    qa_export = export_model(qa_folder, workdir / "hub" / "qa",
+                             widget_examples=[WidgetExample(make_image(1), QUESTION)])
     el_export = export_model(el_folder, workdir / "hub" / "el",
                              widget_examples=[WidgetExample(make_image(3), SENTENCE, mention=MENTION)])
     assert json.loads((el_export.output_dir / "config.json").read_text())["custom_pipelines"] == {

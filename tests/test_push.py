@@ -157,7 +157,8 @@ def test_knowledge_repo_pushed_first_and_model_pinned_to_its_commit(tmp_path):
         ("list_repo_files", "org/reavl-vqa", "model", "dev"),
         ("create_commit", "org/reavl-vqa", "model", "dev", "v1", MODEL_FILES, ("old_weights.bin",)),
     ]
-    assert result.commits == {"org/reavl-kb": knowledge_sha, "org/reavl-vqa": hashlib.sha1(b"org/reavl-vqa").hexdigest()}
+    model_sha = hashlib.sha1(b"org/reavl-vqa").hexdigest()
+    assert result.commits == {"org/reavl-kb": knowledge_sha, "org/reavl-vqa": model_sha}
 
     uploaded = api.uploads["org/reavl-vqa"]
     settings = json.loads(uploaded["processor_config.json"])
@@ -243,7 +244,8 @@ def test_bad_arguments(tmp_path):
 
 
 def test_pin_and_fill_helpers():
-    pinned = json.loads(pin_knowledge_revision(b'{"knowledge_repo_id": "a/b", "knowledge_revision": "x"}', "a/b", "f" * 40))
+    settings = b'{"knowledge_repo_id": "a/b", "knowledge_revision": "x"}'
+    pinned = json.loads(pin_knowledge_revision(settings, "a/b", "f" * 40))
     assert pinned == {"knowledge_repo_id": "a/b", "knowledge_revision": "f" * 40}
     with pytest.raises(PushError, match="names the knowledge repo 'a/b', expected 'c/d'"):
         pin_knowledge_revision(b'{"knowledge_repo_id": "a/b"}', "c/d", "f" * 40)

@@ -119,11 +119,14 @@ def read_export_layout(export_dir: str | Path) -> ExportLayout:
     required = ("config.json", "model.safetensors", "processor_config.json", "README.md", "modeling_reavl.py")
     missing = [name for name in required if not (export_dir / name).is_file()]
     if missing:
-        raise ValueError(f"{export_dir} is not a complete REAVL export (missing {', '.join(missing)}); re-run reavl export")
+        raise ValueError(
+            f"{export_dir} is not a complete REAVL export (missing {', '.join(missing)}); re-run reavl export"
+        )
     config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
     settings = json.loads((export_dir / "processor_config.json").read_text(encoding="utf-8"))
     repo_id = settings.get("knowledge_repo_id")
-    if repo_id is None and config.get("num_knowledge", 0) > 0 and not (export_dir / "knowledge" / "index.faiss").is_file():
+    inline_index = export_dir / "knowledge" / "index.faiss"
+    if repo_id is None and config.get("num_knowledge", 0) > 0 and not inline_index.is_file():
         raise ValueError(f"{export_dir} has neither knowledge/ nor a knowledge_repo_id; re-run reavl export")
     return ExportLayout(
         architecture=(config.get("architectures") or ["ReavlModel"])[0],
@@ -157,7 +160,9 @@ def load_model_and_processor(model_dir: str | Path):
     architecture = (config.architectures or ["ReavlModel"])[0]
     model_class = getattr(modeling_reavl, architecture, None)
     if model_class is None:
-        raise ExportError(f"{model_dir}/config.json names the architecture {architecture!r}, which is not a REAVL class")
+        raise ExportError(
+            f"{model_dir}/config.json names the architecture {architecture!r}, which is not a REAVL class"
+        )
     if not (model_dir / "processor_config.json").is_file():
         raise ExportError(
             f"{model_dir} has no processor (processor_config.json and tokenizer files): save the ReavlProcessor the "
@@ -178,9 +183,9 @@ def load_model_and_processor(model_dir: str | Path):
         try:
             retriever = processor.retriever
             model.set_retriever(retriever)
-        except ValueError as error:
+        except (ValueError, FileNotFoundError) as error:  # inconsistent or partial index, or another encoder's
             raise ExportError(
-                f"the knowledge index at {index_dir} does not fit this model: {error}. Re-embed it with this model's "
+                f"the knowledge index at {index_dir} cannot serve this model: {error}. Rebuild it with this model's "
                 f"knowledge encoder: `{hint}`"
             ) from None
     return model, processor
@@ -190,7 +195,8 @@ def _local_index_dir(model_dir: Path, processor) -> Path:
     if getattr(processor, "knowledge_repo_id", None):
         raise ExportError(
             f"the processor in {model_dir} reads its knowledge from the Hub dataset {processor.knowledge_repo_id}; "
-            "export needs a local index: save the processor with a local knowledge folder"
+            "export (and reavl ask) need a local index folder: attach one with processor.set_knowledge(folder) and "
+            "save the processor again"
         )
     return model_dir / (getattr(processor, "knowledge_path", None) or "knowledge")
 
@@ -257,6 +263,10 @@ def _open_image(image):
 NON_METRIC_KEYS = ("loss",)  # reported by `reavl evaluate` next to the metrics, not a quality measure
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _evaluation(eval_json: str | Path | None, architecture: str):
     """(table rows, EvalResults, task, dataset name) from the JSON `reavl evaluate --json` writes:
     `{"task": ..., "data": ..., "split": ..., "full": {metric: value, "timing": {...}}, "no_knowledge": {...}}`.
@@ -274,7 +284,9 @@ def _evaluation(eval_json: str | Path | None, architecture: str):
     except json.JSONDecodeError as error:
         raise ExportError(f"evaluation JSON {path} is not valid JSON ({error})") from None
     if not isinstance(report, dict) or not isinstance(report.get("full"), dict) or not report["full"]:
-        raise ExportError(f'evaluation JSON {path} must hold {{"task": ..., "full": {{metric: value}}, "no_knowledge": {{...}}}}')
+        raise ExportError(
+            f'evaluation JSON {path} must hold {{"task": ..., "full": {{metric: value}}, "no_knowledge": {{...}}}}'
+        )
     ablation = report.get("no_knowledge") or {}
     task = str(report.get("task") or architecture)
     dataset_name = Path(str(report.get("dataset") or report.get("data") or "evaluation set")).name
@@ -282,9 +294,9 @@ def _evaluation(eval_json: str | Path | None, architecture: str):
     rows, results = [], []
     for metric in sorted(report["full"]):
         full, without = report["full"][metric], ablation.get(metric)
-        if metric in NON_METRIC_KEYS or isinstance(full, bool) or not isinstance(full, (int, float)) or not math.isfinite(full):
+        if metric in NON_METRIC_KEYS or not _is_number(full):
             continue
-        has_ablation = isinstance(without, (int, float)) and not isinstance(without, bool) and math.isfinite(without)
+        has_ablation = _is_number(without)
         rows.append(
             {
                 "metric": metric,
@@ -374,7 +386,9 @@ def render_model_card(
         vision_model_type=vision.model_type,
         image_size=image_size,
         text_model_type=config.text_config.model_type,
-        knowledge_encoder="the text tower" if config.knowledge_config is None else f"`{config.knowledge_config.model_type}`",
+        knowledge_encoder=(
+            "the text tower" if config.knowledge_config is None else f"`{config.knowledge_config.model_type}`"
+        ),
         num_fusion_layers=config.num_fusion_layers,
         num_knowledge=config.num_knowledge,
         retrieval_dim=config.retrieval_dim,
@@ -627,7 +641,10 @@ def export_model(
     existing = [str(target) for target in targets if target.exists()]
     if existing and not overwrite:
         raise ExportError(f"{', '.join(existing)} already exists; pass --overwrite to replace it")
-    examples = [example if isinstance(example, WidgetExample) else _widget_from_dict(example) for example in widget_examples or []]
+    examples = [
+        example if isinstance(example, WidgetExample) else _widget_from_dict(example)
+        for example in widget_examples or []
+    ]
 
     model, processor = load_model_and_processor(model_dir)
     architecture = type(model).__name__
@@ -714,12 +731,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reavl export: {error}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"output": str(result.output_dir), "knowledge": str(result.knowledge_dir) if result.knowledge_dir else None,
-                          "files": result.files}, indent=2))
+        knowledge = str(result.knowledge_dir) if result.knowledge_dir else None
+        print(json.dumps({"output": str(result.output_dir), "knowledge": knowledge, "files": result.files}, indent=2))
         return 0
     print(f"exported {args.model} -> {result.output_dir} ({len(result.files)} files)")
     if result.knowledge_dir is not None:
-        print(f"knowledge dataset folder: {result.knowledge_dir} (push both with `reavl push {result.output_dir} --repo-id ORG/NAME`)")
+        print(f"knowledge dataset folder: {result.knowledge_dir} "
+              f"(push both with `reavl push {result.output_dir} --repo-id ORG/NAME`)")
     if not examples:
         print("no widget example given (--widget-image/--widget-question): the card has no widget")
     return 0

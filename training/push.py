@@ -35,12 +35,7 @@ from typing import Any
 
 import yaml
 
-from training.export import (
-    KNOWLEDGE_REVISION_PLACEHOLDER,
-    REPO_ID_PLACEHOLDER,
-    knowledge_folder_for,
-    read_export_layout,
-)
+from training.export import REPO_ID_PLACEHOLDER, knowledge_folder_for, read_export_layout
 
 
 REPO_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -131,7 +126,8 @@ def plan_push(
     if layout.knowledge_repo_id is not None:
         if knowledge_repo_id is not None and knowledge_repo_id != layout.knowledge_repo_id:
             raise PushError(
-                f"{export_dir} was exported for the knowledge repo {layout.knowledge_repo_id}, not {knowledge_repo_id}; "
+                f"{export_dir} was exported for the knowledge repo {layout.knowledge_repo_id}, not "
+                f"{knowledge_repo_id}; "
                 f"re-export with --knowledge-repo-id {knowledge_repo_id} or push without --knowledge-repo-id"
             )
         knowledge_dir = Path(knowledge_dir) if knowledge_dir is not None else knowledge_folder_for(export_dir)
@@ -338,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if isinstance(outcome, PushPlan):
         if args.json:
-            print(json.dumps([{"repo_id": u.repo_id, "repo_type": u.repo_type, "files": u.files} for u in outcome.uploads], indent=2))
+            uploads = [{"repo_id": u.repo_id, "repo_type": u.repo_type, "files": u.files} for u in outcome.uploads]
+            print(json.dumps(uploads, indent=2))
         else:
             print(outcome.describe())
             print("dry run: nothing was created or uploaded")
