@@ -341,7 +341,7 @@ def test_knowledge_repo_export_and_pinned_push(trained, workdir, eval_json):
     assert _absolute_path_hits(model_dir, [str(workdir)]) + _absolute_path_hits(knowledge_dir, [str(workdir)]) == []
     settings = json.loads((model_dir / "processor_config.json").read_text())
     assert settings["knowledge_repo_id"] == "reavl-org/reavl-kb"
-    assert settings["knowledge_revision"] == KNOWLEDGE_REVISION_PLACEHOLDER and "knowledge_path" not in settings
+    assert settings["knowledge_revision"] == KNOWLEDGE_REVISION_PLACEHOLDER and settings["knowledge_path"] is None
     assert "reavl-org/reavl-kb" in _card_metadata(model_dir / "README.md")["datasets"]
 
     # The dataset folder is a dataset repo: its card's configs/data_files let `load_dataset` read it as is.

@@ -481,7 +481,7 @@ def _read_knowledge_info(index_dir: Path) -> dict[str, Any]:
 def _set_processor_knowledge(processor_config: Path, repo_id: str) -> None:
     """Point the exported processor at the dataset repo, with the revision placeholder `reavl push` resolves."""
     settings = json.loads(processor_config.read_text(encoding="utf-8"))
-    settings.pop("knowledge_path", None)
+    settings["knowledge_path"] = None  # no local index: the processor reads the dataset repo
     settings["knowledge_repo_id"] = repo_id
     settings["knowledge_revision"] = KNOWLEDGE_REVISION_PLACEHOLDER
     processor_config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
