@@ -124,6 +124,7 @@ def finetuned(world, pretrained, tmp_path_factory):
                 validation_file=str(world[validation]), output_dir=str(output_dir), max_steps=10,
                 per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=2e-3,
                 warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+                dataloader_pin_memory=False,
                 num_candidates=4, max_eval_samples=24,
             )
             cache[task] = (results, output_dir)
@@ -173,6 +174,28 @@ def test_index_is_re_embedded_because_fine_tuning_moved_the_encoder(finetuned, p
     assert before.ids == after.ids
     assert before.fingerprint != after.fingerprint
     assert not np.allclose(before.embeddings, after.embeddings)
+
+
+def test_frozen_encoders_keep_the_index_valid_without_re_embedding(world, pretrained, tmp_path):
+    output_dir = tmp_path / "el_frozen"
+    results = run_finetuning(
+        task="entity-linking", model_name_or_path=str(pretrained), train_file=str(world["entity_linking_train"]),
+        output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=8, learning_rate=2e-3,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, freeze_encoders=True,
+        dataloader_pin_memory=False,
+        num_candidates=4,
+    )
+    before = ReavlModel.from_pretrained(pretrained)
+    after = task_model_class("entity-linking").from_pretrained(output_dir)
+    assert after.reavl.knowledge_encoder_fingerprint() == before.knowledge_encoder_fingerprint()
+    saved = ReavlProcessor.from_pretrained(output_dir).retriever
+    assert saved.fingerprint == ReavlProcessor.from_pretrained(pretrained).retriever.fingerprint
+    saved.check_compatible(after)
+    trained = [name for name, parameter in after.named_parameters()
+               if not torch.equal(parameter, before.state_dict().get(name.removeprefix("reavl."), parameter))]
+    assert trained and all(not name.startswith(("reavl.text_model", "reavl.vision_model", "reavl.retrieval_head"))
+                           for name in trained)
+    assert results["train"]["train_loss"] > 0
 
 
 def test_saved_heads_reload_through_auto_classes_in_a_fresh_interpreter(finetuned, world, tmp_path):
@@ -259,7 +282,7 @@ def test_cli_finetune_no_knowledge_and_evaluate_with_ablation(world, pretrained,
     assert main(["finetune", "--task", "entity-linking", "--model_name_or_path", str(pretrained),
                  "--train_file", str(world["entity_linking_train"]), "--output_dir", str(output_dir),
                  "--max_steps", "2", "--per_device_train_batch_size", "8", "--no_knowledge", "--report_to", "none",
-                 "--save_strategy", "no", "--disable_tqdm", "true"]) == 0
+                 "--save_strategy", "no", "--disable_tqdm", "true", "--dataloader_pin_memory", "false"]) == 0
     saved = json.loads((output_dir / "finetune_results.json").read_text())
     assert saved["no_knowledge"] is True and saved["eval"] is None
 

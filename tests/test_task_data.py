@@ -8,9 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import require_shared_data
+from tests.conftest import minilm_path, require_shared_data
 from training.knowledge_world import generate_world
 from training.task_data import (
+    ClassificationCollator,
+    EntityLinkingCollator,
+    VqaCollator,
     answer_vocabulary_coverage,
     build_answer_vocabulary,
     load_answer_vocabulary,
@@ -237,6 +240,71 @@ def test_snli_ve_and_nlvr2_classification(tmp_path):
     assert data.format == "nlvr2" and data.labels == ["False", "True"]
     assert [Path(path).name for path in data[0]["images"]] == ["dev-850-0-img0.png", "dev-850-0-img1.png"]
     assert data[1]["label"] == "False"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Collators
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from transformers import AutoTokenizer, ViTImageProcessor
+
+    from processing.processing_reavl import ReavlProcessor
+
+    return ReavlProcessor(image_processor=ViTImageProcessor(size={"height": 30, "width": 30}),
+                          tokenizer=AutoTokenizer.from_pretrained(minilm_path()))
+
+
+def test_vqa_collator_gives_soft_targets_over_the_vocabulary(processor, tmp_path):
+    _write_image(tmp_path / "a.png")
+    path = _write_json(tmp_path / "vqa.json", [
+        {"question_id": 1, "image": "a.png", "question": "How many?", "answers": ["2"] * 3 + ["three"] * 7},
+        {"question_id": 2, "img_id": "missing", "question": "What is this?", "answers": ["a dog", "cat"]},
+    ])
+    data = read_vqa(path, missing_images="placeholder")
+    batch = VqaCollator(processor, {"3": 0, "dog": 1, "2": 2}, use_knowledge=False)(data.records)
+    assert batch["pixel_values"].shape == (2, 3, 30, 30) and batch["input_ids"].shape[0] == 2
+    # "dog" is 1 of 2 humans: leaving that human out scores 0, leaving the other out 1/3; mean 1/6.
+    assert torch.allclose(batch["labels"], torch.tensor([[1.0, 0.0, 0.9], [0.0, 1 / 6, 0.0]]))
+    assert batch["use_knowledge"] is False
+    # The placeholder is mid-grey, which the processor's 0.5/0.5 normalisation maps to about 0.
+    assert batch["pixel_values"][1].abs().max() < 0.01 < batch["pixel_values"][0].abs().max()
+
+
+def test_entity_linking_collator_marks_the_mention_and_finds_the_gold_row(processor, tmp_path):
+    _write_image(tmp_path / "a.png")
+    path = _write_jsonl(tmp_path / "el.jsonl", [
+        {"id": "m1", "image": "a.png", "sentence": "Ada Lovelace met Charles Babbage.", "mention": "Charles Babbage",
+         "entity_id": "Q46633"},
+        {"id": "m2", "image": "a.png", "sentence": "A portrait of Ada", "mention": "Ada", "entity_id": "Q7259"},
+    ])
+    data = read_entity_linking(path)
+    rows = {"Q7259": 4, "Q46633": 9}
+    batch = EntityLinkingCollator(processor, rows.__getitem__)(data.records)
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["mention_mask"][0].bool()])
+    assert processor.tokenizer.convert_tokens_to_string(tokens) == "charles babbage"
+    tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][1][batch["mention_mask"][1].bool()])
+    assert tokens == ["ada"]
+    assert batch["gold_knowledge_index"].tolist() == [9, 4]
+    with pytest.raises(ValueError, match="record m2: gold entity 'Q7259' is not in the knowledge index"):
+        EntityLinkingCollator(processor, {"Q46633": 9}.__getitem__)(data.records)
+
+
+def test_two_image_classification_collator_stacks_the_pair(processor, tmp_path):
+    for name in ("dev-1-0-img0.png", "dev-1-0-img1.png"):
+        _write_image(tmp_path / name)
+    path = _write_jsonl(tmp_path / "nlvr2.jsonl", [
+        {"identifier": "dev-1-0-0", "sentence": "Two dogs.", "label": "True"},
+        {"identifier": "dev-1-0-1", "sentence": "No dogs at all.", "label": "False"},
+    ])
+    data = read_classification(path)
+    batch = ClassificationCollator(processor, data.labels)(data.records)
+    assert batch["pixel_values"].shape == (2, 2, 3, 30, 30)
+    assert batch["input_ids"].shape[0] == 2 and batch["labels"].tolist() == [1, 0]
+    text = processor.tokenizer.decode(batch["input_ids"][1], skip_special_tokens=True)
+    assert text == "no dogs at all."
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from .task_data import TASKS, ReadOptions, read_task_data
 logger = logging.getLogger(__name__)
 
 # Trainer bookkeeping, not metrics of the model.
-_RUNTIME_KEYS = ("runtime", "samples_per_second", "steps_per_second", "epoch")
+_RUNTIME_KEYS = ("runtime", "samples_per_second", "steps_per_second", "epoch", "model_preparation_time")
 
 
 def _strip(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -37,6 +37,8 @@ with the encoder the run started from:
   matches their weights (the retriever refuses a model whose fingerprint differs). A save therefore costs one pass
   of the knowledge encoder over the knowledge base: on large bases save rarely (`--save_strategy no`).
 - Retrieval fine-tuning uses no knowledge (ITC); its saved index is still refreshed, so the folder stays loadable.
+- `--freeze_encoders` trains only the fusion, gates and head: queries and keys keep their weights, the index stays
+  exact throughout and is never re-embedded, and a step costs about a third (the cheap path on large bases).
 
 Everything is saved to `output_dir` at the end: model (loads with its Auto class and `trust_remote_code=True`),
 processor and re-embedded `knowledge/`, and `finetune_results.json` with the metrics.
@@ -125,6 +127,12 @@ class ModelArguments:
     num_knowledge: int | None = field(
         default=None, metadata={"help": "Override config.num_knowledge (entries retrieved per example)."}
     )
+    freeze_encoders: bool = field(
+        default=False,
+        metadata={"help": "Train only the fusion, gates and task head: the vision and text towers (the text tower is "
+                          "also the knowledge encoder) and the retrieval projections stay fixed, so the knowledge "
+                          "index stays valid (no re-embedding) and a step costs about a third."},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow remote code of a Hub model."})
 
 
@@ -170,6 +178,11 @@ class DataArguments:
     num_candidates: int = field(
         default=10, metadata={"help": "Entity linking: candidates retrieved per mention (Hits@10 needs >= 10)."}
     )
+    train_num_candidates: int | None = field(
+        default=None,
+        metadata={"help": "Entity linking: candidates per mention in training (default: num_candidates); each costs "
+                          "one pass of the knowledge encoder over the entry."},
+    )
     no_knowledge: bool = field(
         default=False, metadata={"help": "Ablation: fine-tune and evaluate with use_knowledge=False."}
     )
@@ -210,6 +223,21 @@ def processor_retriever(processor):
     if not getattr(processor, "knowledge_available", True):
         return None
     return processor.retriever
+
+
+def freeze_encoders(model) -> int:
+    """Freeze the unimodal towers, the knowledge encoder and the retrieval projections of a REAVL model (what the
+    knowledge index's keys and the retrieval queries depend on). Returns the number of frozen parameters."""
+    base = _base_model(model)
+    modules = [base.vision_model, base.text_model, base.knowledge_model, base.retrieval_head]
+    frozen = 0
+    for module in modules:
+        if module is None:
+            continue
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+            frozen += parameter.numel()
+    return frozen
 
 
 def build_index_for(model, processor, knowledge_base, index_factory: str = "Flat", batch_size: int = 64):
@@ -258,18 +286,21 @@ class ReavlTrainer(Trainer):
 
     Args (beyond `Trainer`'s):
         candidate_retriever: the retriever entity-linking candidates come from (None for other tasks).
-        num_candidates: candidates per mention.
+        num_candidates: candidates per mention at evaluation.
+        train_num_candidates: candidates per mention in training (default: `num_candidates`).
         index_batch_size: entries per batch when a save re-embeds the index.
         prediction_keys: model output fields kept for `compute_metrics` (default: all).
     """
 
-    def __init__(self, *args, candidate_retriever=None, num_candidates: int = 10, index_batch_size: int = 64,
+    def __init__(self, *args, candidate_retriever=None, num_candidates: int = 10,
+                 train_num_candidates: int | None = None, index_batch_size: int = 64,
                  prediction_keys: Sequence[str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # The heads' losses are per-batch means: Trainer must scale them for gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
         self.candidate_retriever = candidate_retriever
         self.num_candidates = num_candidates
+        self.train_num_candidates = train_num_candidates or num_candidates
         self.index_batch_size = index_batch_size
         self.prediction_keys = None if prediction_keys is None else tuple(prediction_keys)
 
@@ -288,7 +319,8 @@ class ReavlTrainer(Trainer):
         base = _base_model(self.accelerator.unwrap_model(model))
         device = inputs["input_ids"].device
         query = base.get_query_embeddings(inputs["pixel_values"], inputs["input_ids"], inputs.get("attention_mask"))
-        retrieved = self.candidate_retriever.retrieve(query.detach().float().cpu(), self.num_candidates)
+        num_candidates = self.train_num_candidates if force_gold else self.num_candidates
+        retrieved = self.candidate_retriever.retrieve(query.detach().float().cpu(), num_candidates)
         indices = torch.as_tensor(retrieved["knowledge_indices"]).long().cpu().clone()
         gold = gold.long().cpu()
         hit = indices == gold[:, None]
@@ -347,11 +379,17 @@ _ALL_OUTPUT_KEYS = ("logits", "knowledge_indices", "knowledge_scores", "knowledg
 
 
 class KnowledgeIndexRefreshCallback(TrainerCallback):
-    """Re-embed the knowledge index every `every_steps` optimizer steps (ANCE-style refresh)."""
+    """Re-embed the knowledge index when training starts from weights it was not embedded with (a resumed
+    checkpoint), and every `every_steps` optimizer steps (ANCE-style refresh; 0: never)."""
 
-    def __init__(self, trainer: ReavlTrainer, every_steps: int):
+    def __init__(self, trainer: ReavlTrainer, every_steps: int = 0):
         self.trainer = trainer
         self.every_steps = every_steps
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:  # resumed: the weights are the checkpoint's, the index the starting model's
+            self.trainer.refresh_knowledge_index()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every_steps > 0 and state.global_step % self.every_steps == 0:
@@ -501,13 +539,15 @@ def label_names_for(task: str) -> list[str]:
 
 def evaluation_arguments(output_dir: str | Path, batch_size: int = 32, **overrides) -> TrainingArguments:
     """`TrainingArguments` for evaluation only (no logging integrations, no saving)."""
+    overrides.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     return TrainingArguments(output_dir=str(output_dir), per_device_eval_batch_size=batch_size, report_to="none",
                              remove_unused_columns=False, save_strategy="no", **overrides)
 
 
 def make_trainer(task: str, model, processor, training_args: TrainingArguments, collator, train_dataset=None,
                  eval_dataset=None, compute_metrics=None, retriever=None, num_candidates: int = 10,
-                 index_batch_size: int = 64, callbacks=None) -> ReavlTrainer:
+                 train_num_candidates: int | None = None, index_batch_size: int = 64,
+                 callbacks=None) -> ReavlTrainer:
     """A [`ReavlTrainer`] set up for `task`: label names, kept prediction fields, candidates for entity linking."""
     if training_args.label_names is None:
         training_args.label_names = label_names_for(task)
@@ -522,6 +562,7 @@ def make_trainer(task: str, model, processor, training_args: TrainingArguments, 
         compute_metrics=compute_metrics,
         candidate_retriever=retriever if task == "entity-linking" else None,
         num_candidates=num_candidates,
+        train_num_candidates=train_num_candidates,
         index_batch_size=index_batch_size,
         prediction_keys=PREDICTION_KEYS[task],
         callbacks=callbacks,
@@ -639,6 +680,8 @@ def run_finetuning(model_args: ModelArguments | None = None, data_args: DataArgu
 
     model = model_class.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=model_args.trust_remote_code, **config_overrides)
+    if model_args.freeze_encoders:
+        logger.info("Froze %d encoder parameters; training the fusion, gates and head only", freeze_encoders(model))
     if knowledge_base is not None:
         retriever = build_index_for(model, processor, knowledge_base, model_args.index_factory,
                                     model_args.index_batch_size)
@@ -661,9 +704,9 @@ def run_finetuning(model_args: ModelArguments | None = None, data_args: DataArgu
     compute_metrics = (build_compute_metrics(task, eval_dataset, id2label, retriever)
                        if eval_dataset is not None else None)
     trainer = make_trainer(task, model, processor, training_args, collator, train_dataset, eval_dataset,
-                           compute_metrics, retriever, data_args.num_candidates, model_args.index_batch_size)
-    if data_args.refresh_index_steps > 0:
-        trainer.add_callback(KnowledgeIndexRefreshCallback(trainer, data_args.refresh_index_steps))
+                           compute_metrics, retriever, data_args.num_candidates, data_args.train_num_candidates,
+                           model_args.index_batch_size)
+    trainer.add_callback(KnowledgeIndexRefreshCallback(trainer, data_args.refresh_index_steps))
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()  # re-embeds the index with the fine-tuned encoder, then saves model + processor
@@ -712,6 +755,7 @@ __all__ = [
     "ReavlTrainer",
     "build_collator",
     "build_compute_metrics",
+    "freeze_encoders",
     "make_trainer",
     "parse_finetune_args",
     "refresh_knowledge_index",
