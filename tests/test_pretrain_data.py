@@ -40,23 +40,25 @@ from training.data import (
 # --------------------------------------------------------------------------------------------------------------------
 
 ENTITIES = [
-    ("Zorblat", (220, 40, 40), "circle"),
-    ("Quenmir", (40, 180, 60), "square"),
-    ("Dravok", (40, 70, 220), "triangle"),
-    ("Pellion", (230, 200, 40), "circle"),
-    ("Vashtor", (160, 60, 200), "square"),
-    ("Morquel", (40, 200, 200), "triangle"),
-    ("Tandrel", (240, 130, 30), "square"),
-    ("Krisolo", (120, 120, 120), "circle"),
+    ("Zorblat", (220, 40, 40), "circle", "red"),
+    ("Quenmir", (40, 180, 60), "square", "green"),
+    ("Dravok", (40, 70, 220), "triangle", "blue"),
+    ("Pellion", (230, 200, 40), "circle", "yellow"),
+    ("Vashtor", (160, 60, 200), "square", "purple"),
+    ("Morquel", (40, 200, 200), "triangle", "cyan"),
+    ("Tandrel", (240, 130, 30), "square", "orange"),
+    ("Krisolo", (120, 120, 120), "circle", "grey"),
 ]
 DISTRACTORS = ["Harbin River", "Olvek Plain", "Siran Hills", "Tobruk Gate", "Wessel Lake", "Ardent Bay",
                "Colm Ridge", "Nerra Vale"]
-CAPTION_TEMPLATES = ["a photo of {} on the grass", "the {} seen from far away"]
+# Each image of an entity has its own background, named in its captions, so no two images share a caption (ITC and
+# ITM need the pairing to be learnable, not just the entity).
+BACKGROUNDS = [("navy", (20, 20, 100)), ("olive", (100, 100, 20)), ("white", (235, 235, 235))]
+CAPTION_TEMPLATES = ["a photo of {name} on a {background} background", "{name} in front of {background}"]
 
 
-def draw_shape(colour, shape, seed: int, size: int = 48) -> Image.Image:
+def draw_shape(colour, shape, seed: int, background=(0, 0, 0), size: int = 48) -> Image.Image:
     rng = np.random.default_rng(seed)
-    background = tuple(int(value) for value in rng.integers(0, 60, size=3))
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     margin = int(rng.integers(4, 12))
@@ -72,17 +74,26 @@ def draw_shape(colour, shape, seed: int, size: int = 48) -> Image.Image:
 
 def knowledge_records() -> list[dict]:
     records = []
-    for index, (name, colour, shape) in enumerate(ENTITIES):
+    for index, (name, _, shape, colour_name) in enumerate(ENTITIES):
         records.append({
             "id": f"E{index}",
             "title": name,
-            "text": f"{name} is a {shape} creature of colour {colour[0]} {colour[1]} {colour[2]}.",
+            "text": f"{name} is a {colour_name} {shape} that lives in the valley.",
             "aliases": [],
             "triples": [["neighbour of", f"E{(index + 1) % len(ENTITIES)}"], ["rival of", f"E{(index + 3) % len(ENTITIES)}"]],
         })
     for index, title in enumerate(DISTRACTORS):
         records.append({"id": f"D{index}", "title": title, "text": f"{title} is a place far from everything.",
                         "aliases": [], "triples": [["located in", f"D{(index + 1) % len(DISTRACTORS)}"]]})
+    # Namesakes: places that repeat an entity's name more often than its own entry does, so that at the start a
+    # caption naming the entity retrieves them as readily; the retriever has to learn which entry is meant.
+    for index, (name, *_) in enumerate(ENTITIES):
+        for kind in ("Lake", "Road"):
+            records.append({
+                "id": f"N{index}{kind[0]}", "title": f"{name} {kind}",
+                "text": f"The {name} {kind.lower()} was named by {name} people after {name} of old.",
+                "aliases": [], "triples": [],
+            })
     return records
 
 
@@ -91,12 +102,13 @@ def write_world(root: Path, images_per_entity: int = 3, subfolder: str = "images
     image_dir = root / subfolder
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for entity_index, (name, colour, shape) in enumerate(ENTITIES):
+    for entity_index, (name, colour, shape, _) in enumerate(ENTITIES):
         for copy in range(images_per_entity):
             file_name = f"{name.lower()}_{copy}.png"
-            draw_shape(colour, shape, seed=entity_index * 100 + copy).save(image_dir / file_name)
+            background_name, background = BACKGROUNDS[copy % len(BACKGROUNDS)]
+            draw_shape(colour, shape, entity_index * 100 + copy, background).save(image_dir / file_name)
             for template in CAPTION_TEMPLATES:
-                rows.append({"image": file_name, "caption": template.format(name)})
+                rows.append({"image": file_name, "caption": template.format(name=name, background=background_name)})
     with (root / "captions.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["image", "caption"])
         writer.writeheader()
@@ -199,7 +211,7 @@ def test_weak_linking_gives_rows_and_spans(world):
     prepared, stats = prepare_pretraining_pairs(pairs, MentionLinker.from_knowledge_base(knowledge_base))
     assert stats.linked_rows == 48 and stats.linked_entities == 8
     row = prepared[0]
-    assert row["caption"] == "a photo of Zorblat on the grass"
+    assert row["caption"] == "a photo of Zorblat on a navy background"
     assert row["positive_rows"] == [0]
     start, end = row["mention_spans"][0]
     assert row["caption"][start:end] == "Zorblat"

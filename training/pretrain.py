@@ -10,8 +10,12 @@ Launch (the same script, any number of processes; arguments can also come from o
     python -m training.pretrain ...same arguments...
     python -m training.pretrain pretrain.yaml            # every argument from a file
 
-    # several processes or machines (DDP; FSDP/DeepSpeed through `accelerate config`); `--cpu` on CPU-only hosts
-    accelerate launch --num_processes 2 --cpu -m training.pretrain ...same arguments...
+    # several processes or machines (DDP; FSDP/DeepSpeed through `accelerate config`)
+    accelerate launch --multi_gpu --num_processes 2 -m training.pretrain ...same arguments...
+    # On a host without a GPU the same command runs CPU DDP over gloo (the script asks accelerate for the CPU when
+    # it is one of several processes and sees no accelerator). Note: `accelerate launch --num_processes 2 --cpu`
+    # starts ONE process in accelerate 1.x unless MPI is set up (`--mpirun_hostfile`); torchrun works too:
+    torchrun --nproc_per_node 2 -m training.pretrain ...same arguments...
 
     # resume exactly where a run stopped (same data order, RNG states, index embeddings and losses)
     python -m training.pretrain ...same arguments... --resume_from_checkpoint latest
@@ -225,6 +229,17 @@ class PretrainingArguments:
     )
     eval_batch_size: int = 64
     disable_tqdm: bool = False
+    use_cpu: bool = field(
+        default=False,
+        metadata={"help": "Train on the CPU even when an accelerator is present (a multi-process launch on a host "
+                          "without one uses CPU DDP over gloo by itself)."},
+    )
+
+
+def _no_accelerator() -> bool:
+    if hasattr(torch, "accelerator"):
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()
 
 
 def parse_arguments(argv: list[str] | None = None):
@@ -670,7 +685,11 @@ def run_pretraining(
     start_time = time.time()
     output_dir = Path(training_args.output_dir)
     report_to = None if training_args.report_to in ("none", "", None) else training_args.report_to
+    # `accelerate launch --multi_gpu` / torchrun on a host without an accelerator: DDP over gloo on the CPU
+    # (accelerate's `--cpu` launcher starts a single process unless it is given an MPI hostfile).
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=training_args.use_cpu or (multi_process and _no_accelerator()),
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision=training_args.mixed_precision,
         log_with=report_to,
