@@ -20,6 +20,7 @@ entry of `config.json` (see [`custom_pipelines_config`]): it imports only public
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -92,7 +93,8 @@ class _ReavlEvidencePipeline(Pipeline):
     def _load(self, inputs: dict[str, Any], timeout: float | None):
         if not isinstance(inputs, dict) or inputs.get("image") is None:
             raise ValueError(f"{self.task or type(self).__name__} needs an image (PIL image, path, URL or base64)")
-        return load_image(inputs["image"], timeout=timeout)
+        image = inputs["image"]
+        return load_image(os.fspath(image) if isinstance(image, os.PathLike) else image, timeout=timeout)
 
 
 def attach_retriever(model, processor) -> None:

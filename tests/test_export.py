@@ -278,6 +278,20 @@ def test_bad_input_through_the_cli(workdir, capsys):
     assert "has no config.json: it is not a saved REAVL model folder" in capsys.readouterr().err
 
 
+def test_export_through_the_cli(exported, trained, workdir, eval_json, capsys):
+    from training.export import main
+
+    image = workdir / "cli-widget.png"
+    make_image(1).save(image)
+    output = workdir / "cli" / "reavl-vqa"
+    arguments = ["--model", str(trained), "--output", str(output), "--eval-json", str(eval_json),
+                 "--widget-image", str(image), "--widget-question", QUESTION, "--json"]
+    assert main(arguments) == 0
+    assert json.loads(capsys.readouterr().out)["files"] == exported.files
+    # Same model, image and question as the module's export: the same widget answers.
+    assert _card_metadata(output / "README.md")["widget"][0]["output"] == exported.widget_examples[0].output
+
+
 def _card_metadata(readme: Path) -> dict:
     return yaml.safe_load(readme.read_text().split("---\n")[1])
 

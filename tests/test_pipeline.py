@@ -131,7 +131,7 @@ def test_no_knowledge_ablation(qa, qa_pipe):
     assert result != qa_pipe(image, QUESTION, top_k=5)  # knowledge changes the reading
 
 
-def test_call_forms(qa_pipe):
+def test_call_forms(qa_pipe, tmp_path):
     single = qa_pipe(make_image(1), QUESTION, top_k=2)
     assert qa_pipe({"image": make_image(1), "question": QUESTION}, top_k=2) == single
     batch = qa_pipe([make_image(1), make_image(2)], [QUESTION, "Which river crosses it?"], top_k=2)
@@ -139,6 +139,9 @@ def test_call_forms(qa_pipe):
     assert qa_pipe([{"image": make_image(1), "question": QUESTION}], top_k=2) == [single]
     encoded = base64.b64encode(_png_bytes(make_image(1))).decode()
     assert qa_pipe(encoded, QUESTION, top_k=2) == single  # base64 strings, paths and URLs are accepted too
+    make_image(1).save(tmp_path / "image.png")
+    assert qa_pipe(tmp_path / "image.png", QUESTION, top_k=2) == single
+    assert qa_pipe(str(tmp_path / "image.png"), QUESTION, top_k=2) == single
 
 
 @pytest.mark.parametrize(

@@ -232,12 +232,12 @@ def _run_widget_examples(model, processor, examples: list[WidgetExample], archit
     if architecture == "ReavlForQuestionAnswering":
         pipe = KnowledgeVQAPipeline(model=model, processor=processor, device=-1)
         for example in examples:
-            result = pipe(example.image, example.text, top_k=3)
+            result = pipe(_open_image(example.image), example.text, top_k=3)
             example.output = [{"label": item["answer"], "score": _round(item["score"])} for item in result["answers"]]
     elif architecture == "ReavlForEntityLinking":
         pipe = EntityLinkingPipeline(model=model, processor=processor, device=-1)
         for example in examples:
-            ranked = pipe(example.image, example.text, mention=example.mention, top_k=3)
+            ranked = pipe(_open_image(example.image), example.text, mention=example.mention, top_k=3)
             example.output = [{"label": item["title"], "score": _round(item["score"])} for item in ranked]
     elif architecture == "ReavlForImageTextRetrieval":
         from transformers import ZeroShotImageClassificationPipeline
