@@ -411,24 +411,6 @@ def test_check_compatible_names_each_mismatch(tiny_world):
     task_model.set_retriever(retriever)  # same weights: accepted
 
 
-def test_forward_retrieves_what_the_retriever_returns_for_the_model_queries(tiny_world):
-    model, processor, retriever = tiny_world["model"], tiny_world["processor"], tiny_world["retriever"]
-    inputs = processor(images=[np.full((30, 30, 3), 40 * i, np.uint8) for i in range(3)],
-                       text=["the eiffel tower", "lake geneva", "a river in paris"], return_tensors="pt", padding=True)
-    model.set_retriever(retriever)
-    try:
-        with torch.no_grad():
-            outputs = model(**inputs)
-            queries = model.get_query_embeddings(**inputs)
-    finally:
-        model.set_retriever(None)
-
-    expected = retriever.retrieve(queries, k=model.config.num_knowledge)
-    assert outputs.knowledge_indices.shape == (3, 3)
-    assert torch.equal(outputs.knowledge_indices, expected["knowledge_indices"])
-    torch.testing.assert_close(outputs.knowledge_scores, expected["knowledge_scores"])
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------------------------------
