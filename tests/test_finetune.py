@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoTokenizer, ViTConfig, ViTImageProcessor
 
 import modeling_reavl  # noqa: F401  (registers the Auto classes)

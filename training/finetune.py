@@ -32,7 +32,8 @@ with the encoder the run started from:
   training only, replaces the last candidate with the gold entity when the retriever missed it; `labels` is the
   gold position (-100 at evaluation when the retriever missed it: that mention scores 0 in Hits@k and MRR).
 - **Refresh** (ANCE-style): `--refresh_index_steps N` re-embeds the whole index with the current encoder every N
-  optimizer steps (0: never during training). Independently, **every save re-embeds a stale index first**
+  optimizer steps (0: never during training), and a run resumed from a checkpoint re-embeds it before its first
+  step (the index came with the starting model, the weights with the checkpoint). Independently, **every save re-embeds a stale index first**
   ([`ReavlTrainer.save_model`]), so each checkpoint and the final folder carry an index whose encoder fingerprint
   matches their weights (the retriever refuses a model whose fingerprint differs). A save therefore costs one pass
   of the knowledge encoder over the knowledge base: on large bases save rarely (`--save_strategy no`).
@@ -48,7 +49,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -197,7 +197,8 @@ class DataArguments:
 def parse_finetune_args(argv: Sequence[str] | None = None, **kwargs):
     """(ModelArguments, DataArguments, TrainingArguments) from command-line `argv` or from keyword arguments (each
     routed to the dataclass that has the field)."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="reavl finetune",
+                              description="Fine-tune a REAVL task head with Trainer (see training/finetune.py).")
     if argv is not None:
         return parser.parse_args_into_dataclasses(list(argv))
     names = [{item.name for item in fields(cls)} for cls in (ModelArguments, DataArguments, TrainingArguments)]
