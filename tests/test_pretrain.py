@@ -288,3 +288,11 @@ def test_learning_rate_warmup_then_cosine_to_the_floor():
 def test_missing_caption_column_is_named(world, tmp_path):
     with pytest.raises(ValueError, match=r"caption column 'text' not found .* \['image', 'caption'\]"):
         run_pretraining(output_dir=str(tmp_path / "bad"), **common_arguments(world, caption_column="text", max_steps=1))
+
+
+def test_bf16_mixed_precision_on_cpu(world, tmp_path):
+    results = run_pretraining(output_dir=str(tmp_path / "bf16"), **common_arguments(
+        world, max_steps=2, save_steps=0, index_refresh_steps=1, mixed_precision="bf16",
+    ))
+    assert all(value["last"] == value["last"] and abs(value["last"]) < 1e4 for value in results["losses"].values())
+    assert results["weak_positive_recall_at_k"]["after"] is not None

@@ -588,7 +588,6 @@ def evaluate_weak_positive_recall(model, retriever, dataset, collator, k: int, b
         indices = torch.as_tensor(np.asarray(retrieved["knowledge_indices"]), dtype=torch.long)
         batch_total, batch_count = weak_positive_recall(indices, batch["positive_rows"])
         total, count = total + batch_total, count + batch_count
-    model.train()
     return total / count if count else None
 
 
@@ -619,7 +618,6 @@ def evaluate_image_text_retrieval(model, dataset, processor, batch_size: int, de
             captions[start : start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt"
         ).to(device)
         text_embeds.append(model.reavl.get_text_features(text["input_ids"], text["attention_mask"]).float().cpu())
-    model.train()
     similarity = (torch.cat(image_embeds) @ torch.cat(text_embeds).t()).numpy()
     metrics = image_text_retrieval_metrics(similarity, [image_position[key] for key in keys])
     return {name: round(float(value), 4) for name, value in metrics.items()} | {
@@ -630,6 +628,14 @@ def evaluate_image_text_retrieval(model, dataset, processor, batch_size: int, de
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def set_train_mode(model, freeze_vision_tower: bool) -> None:
+    """Training mode, except a frozen (locked) vision tower, which stays in eval mode so that its normalisation
+    statistics (BatchNorm in CNN backbones) stay those it was pretrained with."""
+    model.train()
+    if freeze_vision_tower:
+        model.reavl.vision_model.eval()
 
 
 def _setup_logging(accelerator) -> None:
@@ -883,7 +889,7 @@ def run_pretraining(
     step_start, data_time = time.perf_counter(), 0.0
     stopped_early = False
 
-    model.train()
+    freeze_vision = model_args.freeze_vision_tower
     while step < max_steps and not stopped_early:
         train_dataloader.set_epoch(epoch)
         loader = (
@@ -897,13 +903,14 @@ def run_pretraining(
             micro_batch += 1
             with accelerator.accumulate(model):
                 query = None
+                set_train_mode(unwrapped, freeze_vision)  # evaluation and index refreshes leave eval mode behind
                 if num_knowledge > 0:
                     unwrapped.eval()  # retrieval as at inference: no dropout in the query
                     with torch.no_grad(), accelerator.autocast():
                         query = unwrapped.reavl.get_query_embeddings(
                             batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
                         )
-                    unwrapped.train()
+                set_train_mode(unwrapped, freeze_vision)
                 mask_seed = (training_args.seed * 1_000_003 + micro_batch) * 1009 + accelerator.process_index
                 inputs, retrieval_stats = builder(batch, query, mask_seed)
                 inputs = {name: value.to(accelerator.device) for name, value in inputs.items()}
