@@ -78,6 +78,9 @@ class ReavlConfig(PreTrainedConfig):
             Weights of the pre-training losses in their sum.
         num_itm_hard_negatives (`int`, *optional*, defaults to 1):
             Hard negatives mined per example and direction from the ITC similarities for ITM.
+        itm_max_examples (`int`, *optional*, defaults to `None`):
+            Cap on the examples of a batch that anchor ITM pairs (each costs `1 + 2 * num_itm_hard_negatives` fusion
+            passes); `None` uses the whole batch.
         entity_linking_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the entity-linking candidate softmax.
         classification_num_images (`int`, *optional*, defaults to 1):
@@ -136,6 +139,7 @@ class ReavlConfig(PreTrainedConfig):
     retriever_loss_weight: float = 0.5
     relevance_loss_weight: float = 0.5
     num_itm_hard_negatives: int = 1
+    itm_max_examples: int | None = None
     entity_linking_temperature: float = 0.05
     classification_num_images: int = 1
     initializer_range: float = 0.02

@@ -883,7 +883,9 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
     def set_retriever(self, retriever) -> None:
         self.reavl.set_retriever(retriever)
 
-    def _itc_losses(self, parts: dict[str, Any], knowledge_labels: torch.Tensor | None):
+    def _itc_losses(
+        self, parts: dict[str, Any], knowledge_labels: torch.Tensor | None, masked_text_pooled: torch.Tensor | None
+    ):
         rank, _ = _distributed_world()
         image_embeds, text_embeds = parts["image_embeds"], parts["text_embeds"]
         batch_size = image_embeds.shape[0]
@@ -902,20 +904,23 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             # Every entry retrieved anywhere in the global batch is a candidate; a pair's weak positives are its own.
             num_entries = keys.shape[1]
             all_keys = gather_with_grad(keys.reshape(batch_size * num_entries, -1))
-            logits = parts["query_embeds"] @ all_keys.t() / self.config.retrieval_temperature
-            positive = torch.zeros_like(logits, dtype=torch.bool)
-            own_slots = rank * batch_size * num_entries + torch.arange(batch_size * num_entries, device=logits.device)
+            positive = torch.zeros(batch_size, all_keys.shape[0], dtype=torch.bool, device=all_keys.device)
+            own_slots = rank * batch_size * num_entries + torch.arange(batch_size * num_entries, device=all_keys.device)
             positive[
-                torch.arange(batch_size, device=logits.device).repeat_interleave(num_entries), own_slots
+                torch.arange(batch_size, device=all_keys.device).repeat_interleave(num_entries), own_slots
             ] = knowledge_labels.reshape(-1) > 0
-            # Align both the pair's query and the image-only query: knowledge questions rarely name the entity, so
-            # retrieval must also work from the image alone (the text half of the query then carries no identity).
-            image_only_query = self.reavl.retrieval_head.query(None, parts["image_pooled"])
-            image_logits = image_only_query @ all_keys.t() / self.config.retrieval_temperature
-            alignment_loss = (
-                multi_positive_contrastive_loss(logits, positive)
-                + multi_positive_contrastive_loss(image_logits, positive)
-            ) / 2
+            # Align the pair's query, the image-only query and (with MLM) the query of the image with the
+            # entity-masked caption: knowledge questions rarely name the entity, so retrieval must work when the text
+            # carries no identity, from the image and whatever else the text says.
+            queries = [parts["query_embeds"], self.reavl.retrieval_head.query(None, parts["image_pooled"])]
+            if masked_text_pooled is not None:
+                queries.append(self.reavl.retrieval_head.query(masked_text_pooled, parts["image_pooled"]))
+            alignment_loss = torch.stack(
+                [
+                    multi_positive_contrastive_loss(query @ all_keys.t() / self.config.retrieval_temperature, positive)
+                    for query in queries
+                ]
+            ).mean()
         return itc_loss, alignment_loss, logits_per_image, logits_per_text
 
     def _itm_loss(self, parts: dict[str, Any]):
@@ -924,20 +929,23 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
         batch_size = parts["image_embeds"].shape[0]
         device = parts["image_embeds"].device
         repeat = min(self.config.num_itm_hard_negatives, batch_size - 1)
+        # ITM costs (1 + 2 * repeat) fusion passes per anchor: `itm_max_examples` caps the anchors (the first ones of
+        # the batch; negatives are still mined from the whole batch).
+        num_anchors = min(batch_size, self.config.itm_max_examples or batch_size)
         with torch.no_grad():
             similarity = (parts["image_embeds"] @ parts["text_embeds"].t()).float()
             eye = torch.eye(batch_size, dtype=torch.bool, device=device)
             weights_i2t = (similarity / 0.07).softmax(dim=1).masked_fill(eye, 0) + 1e-8
             weights_t2i = (similarity.t() / 0.07).softmax(dim=1).masked_fill(eye, 0) + 1e-8
-            negative_text = torch.multinomial(weights_i2t.masked_fill(eye, 0), repeat).flatten()
-            negative_image = torch.multinomial(weights_t2i.masked_fill(eye, 0), repeat).flatten()
-        anchors = torch.arange(batch_size, device=device).repeat_interleave(repeat)
-        positives = torch.arange(batch_size, device=device)
+            negative_text = torch.multinomial(weights_i2t.masked_fill(eye, 0)[:num_anchors], repeat).flatten()
+            negative_image = torch.multinomial(weights_t2i.masked_fill(eye, 0)[:num_anchors], repeat).flatten()
+        anchors = torch.arange(num_anchors, device=device).repeat_interleave(repeat)
+        positives = torch.arange(num_anchors, device=device)
         # Pairs (image, text): positives, then (image, hard negative text), then (hard negative image, text).
         # The knowledge follows the image: it is what was retrieved for, and linked to, that image.
         image_index = torch.cat([positives, anchors, negative_image])
         text_index = torch.cat([positives, negative_text, anchors])
-        labels = torch.cat([torch.ones(batch_size), torch.zeros(2 * batch_size * repeat)]).long().to(device)
+        labels = torch.cat([torch.ones(num_anchors), torch.zeros(2 * num_anchors * repeat)]).long().to(device)
         knowledge_states, knowledge_mask, gates = None, None, None
         if knowledge["states"] is not None:
             knowledge_states = knowledge["states"][image_index]
@@ -1045,18 +1053,20 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             ["itc_loss", "knowledge_alignment_loss", "mlm_loss", "itm_loss", "kg_loss", "retriever_loss",
              "relevance_loss"]
         )
-        losses["itc_loss"], losses["knowledge_alignment_loss"], logits_per_image, logits_per_text = self._itc_losses(
-            parts, knowledge_labels if has_knowledge else None
-        )
-
-        mlm_logits = None
+        masked_states, masked_pooled = None, None
         if mlm_labels is not None:
             if mlm_input_ids is None or mlm_input_ids.shape != mlm_labels.shape:
                 raise ValueError(
                     "mlm_labels need mlm_input_ids (the masked text) of the same shape "
                     f"{tuple(mlm_labels.shape)}, got {None if mlm_input_ids is None else tuple(mlm_input_ids.shape)}"
                 )
-            masked_states, _ = self.reavl.encode_text(mlm_input_ids, parts["attention_mask"])
+            masked_states, masked_pooled = self.reavl.encode_text(mlm_input_ids, parts["attention_mask"])
+        losses["itc_loss"], losses["knowledge_alignment_loss"], logits_per_image, logits_per_text = self._itc_losses(
+            parts, knowledge_labels if has_knowledge else None, masked_pooled
+        )
+
+        mlm_logits = None
+        if mlm_labels is not None:
             fused_masked = self.reavl.fuse(
                 masked_states, parts["attention_mask"], parts["image_states"], knowledge["states"],
                 parts["knowledge_attention_mask"], knowledge["gates"],
