@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or _default_tokenizer_path())
-    words = [token for token in tokenizer.get_vocab() if token.isalpha() and token.isascii()]
+    words = np.array([token for token in tokenizer.get_vocab() if token.isalpha() and token.isascii()])
 
     start = time.perf_counter()
     titles = [" ".join(rng.choice(words, size=2)) for _ in range(args.entries)]
