@@ -212,6 +212,9 @@ def test_checkpoint_of_another_configuration_refuses_to_resume(resumed_runs, cap
     assert main(as_argv({**arguments, "max_train_pairs": 40})) == 2
     assert "train_data (checkpoint" in capsys.readouterr().err
     assert sorted(path.name for path in (output_dir / "checkpoints").iterdir()) == before
+    # A fresh start into a folder that holds checkpoints would mix two runs: refused unless asked for.
+    with pytest.raises(ValueError, match="already holds checkpoints .*--overwrite_output_dir"):
+        run_pretraining(**{**arguments, "resume_from_checkpoint": None})
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -140,6 +140,9 @@ class ModelArguments:
     tokenizer_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Tokenizer for --config_json (default: --text_model_path)."}
     )
+    num_fusion_layers: Optional[int] = field(
+        default=None, metadata={"help": "Fusion layers of a fresh model (--config_json or the two tower paths)."}
+    )
     num_knowledge: Optional[int] = field(
         default=None, metadata={"help": "Entries retrieved per pair (K); 0 = the no-knowledge ablation."}
     )
@@ -217,6 +220,9 @@ class PretrainingArguments:
     save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints kept (oldest removed)."})
     resume_from_checkpoint: Optional[str] = field(
         default=None, metadata={"help": "'latest' (a fresh start when there is none) or a checkpoint folder."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start fresh in an output_dir that holds checkpoints (they are deleted)."}
     )
     stop_after_step: Optional[int] = field(
         default=None,
@@ -364,13 +370,21 @@ def load_model_and_processor(model_args: ModelArguments):
     from processing.processing_reavl import ReavlProcessor
 
     processor = None
+    architecture = {} if model_args.num_fusion_layers is None else {"num_fusion_layers": model_args.num_fusion_layers}
     if model_args.model_name_or_path:
+        if architecture:
+            raise ValueError("--num_fusion_layers shapes a fresh model; a saved model keeps its own")
         model = ReavlForPreTraining.from_pretrained(model_args.model_name_or_path)
         processor = ReavlProcessor.from_pretrained(model_args.model_name_or_path)
     elif model_args.config_json:
-        model = ReavlForPreTraining(ReavlConfig.from_json_file(model_args.config_json))
+        config = ReavlConfig.from_json_file(model_args.config_json)
+        for name, value in architecture.items():
+            setattr(config, name, value)
+        model = ReavlForPreTraining(config)
     else:
-        base = ReavlModel.from_vision_text_pretrained(model_args.vision_model_path, model_args.text_model_path)
+        base = ReavlModel.from_vision_text_pretrained(
+            model_args.vision_model_path, model_args.text_model_path, **architecture
+        )
         model = ReavlForPreTraining(base.config)
         model.reavl = base  # pretrained towers; REAVL's own layers and the heads freshly initialised
     _apply_config_overrides(model.config, model_args)
@@ -680,7 +694,21 @@ def run_pretraining(
         model_args, data_args, training_args = arguments_from_dict({**given, **overrides})
     elif overrides:
         raise TypeError("pass either the argument dataclasses or keyword overrides, not both")
+    try:
+        return _run_pretraining(model_args, data_args, training_args)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps its state in process-wide singletons: forget it, so that a later in-process call (the
+            # demo trains the model and its no-knowledge ablation) may choose other settings (mixed precision, ...).
+            from accelerate.state import AcceleratorState, GradientState
 
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
+
+
+def _run_pretraining(
+    model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments
+) -> dict:
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
@@ -760,6 +788,17 @@ def run_pretraining(
         logger.info("resuming from %s (step %d)", checkpoint, resume_state["step"])
     elif training_args.resume_from_checkpoint == "latest":
         logger.info("no checkpoint in %s: starting fresh", _checkpoint_root(output_dir))
+    elif list_checkpoints(output_dir):
+        # A fresh run would mix its checkpoints with another run's, and `latest` could later pick the wrong one.
+        if not training_args.overwrite_output_dir:
+            raise ValueError(
+                f"{output_dir} already holds checkpoints ({list_checkpoints(output_dir)[-1].name}); pass "
+                "--resume_from_checkpoint latest to continue that run, or --overwrite_output_dir to start afresh"
+            )
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(_checkpoint_root(output_dir))
+        accelerator.wait_for_everyone()
 
     # ---- knowledge index -------------------------------------------------------------------------------------------
     retriever, refresher = None, None
