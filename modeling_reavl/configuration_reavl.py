@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 FUSION_POOLING_CHOICES = ("mean", "cls")
+RETRIEVAL_QUERY_CHOICES = ("image_text", "image", "text")
 
 REAVL_AUTO_MAP = {
     "AutoConfig": "configuration_reavl.ReavlConfig",
@@ -63,6 +64,11 @@ class ReavlConfig(PreTrainedConfig):
         pooling (`str`, *optional*, defaults to `"mean"`):
             How the text tower and knowledge encoder are pooled into one vector for retrieval and ITC: `"mean"` over
             non-padding tokens (what sentence encoders such as MiniLM are trained for) or `"cls"`.
+        retrieval_query_modalities (`str`, *optional*, defaults to `"image_text"`):
+            What the retrieval query of `forward` (and of `get_query_embeddings` given both) is built from:
+            `"image_text"` (the image and the text), `"image"` (tasks whose text never names what to look up, e.g.
+            "what language is spoken in the country of this flag?") or `"text"` (text-only knowledge lookups).
+            Pre-training aligns all three kinds of query, so a pre-trained model can be fine-tuned with any.
         retrieval_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the retriever's softmax over retrieved entries (retriever learning).
         logit_scale_init_value (`float`, *optional*, defaults to 2.6592):
@@ -126,6 +132,7 @@ class ReavlConfig(PreTrainedConfig):
     knowledge_gate_init: float = 0.0
     relevance_score_weight_init: float = 1.0
     pooling: str = "mean"
+    retrieval_query_modalities: str = "image_text"
     retrieval_temperature: float = 0.05
     logit_scale_init_value: float = 2.6592
     mlm_probability: float = 0.15
@@ -154,6 +161,11 @@ class ReavlConfig(PreTrainedConfig):
             self.share_knowledge_encoder = False
         if self.pooling not in FUSION_POOLING_CHOICES:
             raise ValueError(f"pooling must be one of {FUSION_POOLING_CHOICES}, got {self.pooling!r}")
+        if self.retrieval_query_modalities not in RETRIEVAL_QUERY_CHOICES:
+            raise ValueError(
+                f"retrieval_query_modalities must be one of {RETRIEVAL_QUERY_CHOICES}, got "
+                f"{self.retrieval_query_modalities!r}"
+            )
         if self.num_knowledge < 0:
             raise ValueError(f"num_knowledge must be >= 0 (0 disables knowledge), got {self.num_knowledge}")
         text_hidden = self.text_config.hidden_size

@@ -590,6 +590,14 @@ class ReavlModel(ReavlPreTrainedModel):
             raise ValueError("get_query_embeddings needs pixel_values, input_ids or both")
         image_pooled = self.encode_image(pixel_values)[1] if pixel_values is not None else None
         text_pooled = self.encode_text(input_ids, attention_mask)[1] if input_ids is not None else None
+        return self.retrieval_query(text_pooled, image_pooled)
+
+    def retrieval_query(self, text_pooled: torch.Tensor | None, image_pooled: torch.Tensor | None) -> torch.Tensor:
+        """The retrieval query from the modalities `config.retrieval_query_modalities` names (when both are given;
+        a single given modality is used as it is)."""
+        modalities = self.config.retrieval_query_modalities
+        if text_pooled is not None and image_pooled is not None and modalities != "image_text":
+            text_pooled, image_pooled = (None, image_pooled) if modalities == "image" else (text_pooled, None)
         return self.retrieval_head.query(text_pooled, image_pooled)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -733,7 +741,7 @@ class ReavlModel(ReavlPreTrainedModel):
 
         image_states, image_pooled = self.encode_image(pixel_values)
         text_states, text_pooled = self.encode_text(input_ids, attention_mask)
-        query_embeds = self.retrieval_head.query(text_pooled, image_pooled)
+        query_embeds = self.retrieval_query(text_pooled, image_pooled)
 
         use_knowledge = use_knowledge and self.config.num_knowledge > 0
         if use_knowledge and knowledge_input_ids is None and self._retriever is not None:
