@@ -465,6 +465,16 @@ class ReavlModel(ReavlPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def train(self, mode: bool = True):
+        """As `nn.Module.train`, except that a tower whose parameters are all frozen stays in eval mode: its
+        BatchNorm statistics and dropout must not move the queries and keys that a knowledge index was built with."""
+        super().train(mode)
+        if mode:
+            for tower in (self.vision_model, self.text_model, self.knowledge_model):
+                if tower is not None and not any(parameter.requires_grad for parameter in tower.parameters()):
+                    tower.eval()
+        return self
+
     # ----------------------------------------------------------------------------------------------------------------
     # retriever attachment (as RAG does): retrieval inside forward when no knowledge tensors are given
     # ----------------------------------------------------------------------------------------------------------------
