@@ -83,6 +83,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .augment import augment_pixel_values
+
 from .data import (
     KnowledgeBatchBuilder,
     KnowledgeGraph,
@@ -234,6 +236,11 @@ class PretrainingArguments:
         default=True, metadata={"help": "Image-text retrieval R@1/5/10 on the held-out images before and after."}
     )
     eval_batch_size: int = 64
+    image_augmentation: bool = field(
+        default=False,
+        metadata={"help": "Random translation and brightness/contrast jitter of the training images (seeded per "
+                          "micro-batch, so resume stays exact); for data with few images per entity."},
+    )
     disable_tqdm: bool = False
     use_cpu: bool = field(
         default=False,
@@ -644,6 +651,43 @@ def evaluate_image_text_retrieval(model, dataset, processor, batch_size: int, de
 # --------------------------------------------------------------------------------------------------------------------
 
 
+class StepStatistics:
+    """Sums over the micro-batches of one optimizer step on this process, reduced over processes once per step:
+    each loss, the weak-positive recall before forcing, the mean gate of weak-positive and of other entries, the
+    forced entries per pair."""
+
+    names = (*LOSS_NAMES, "recall", "gate_positive", "gate_other", "forced_per_pair")
+
+    def __init__(self):
+        self.sums = torch.zeros(len(self.names), 2, dtype=torch.float64)  # (value sum, count) per name
+
+    def _add(self, name: str, total: float, count: float) -> None:
+        row = self.names.index(name)
+        self.sums[row, 0] += total
+        self.sums[row, 1] += count
+
+    def add(self, outputs, inputs: dict, retrieval_stats: dict) -> None:
+        for name in LOSS_NAMES:
+            value = getattr(outputs, name)
+            if value is not None:
+                self._add(name, float(value.detach()), 1)
+        self._add("recall", retrieval_stats["recall_sum"], retrieval_stats["recall_count"])
+        self._add("forced_per_pair", retrieval_stats["forced"], len(inputs["input_ids"]))
+        if "knowledge_labels" in inputs and outputs.knowledge_gates is not None:
+            gates = outputs.knowledge_gates.detach().float().cpu()
+            positive = inputs["knowledge_labels"].cpu().bool()
+            self._add("gate_positive", float(gates[positive].sum()), float(positive.sum()))
+            self._add("gate_other", float(gates[~positive].sum()), float((~positive).sum()))
+
+    def reduce(self, accelerator) -> dict[str, float | None]:
+        """Means over every process's micro-batches of this step (None where nothing was measured); resets."""
+        totals = accelerator.reduce(self.sums.to(accelerator.device), reduction="sum").cpu()
+        self.sums.zero_()
+        return {
+            name: float(total) / float(count) if count else None for name, (total, count) in zip(self.names, totals)
+        }
+
+
 def set_train_mode(model, freeze_vision_tower: bool) -> None:
     """Training mode, except a frozen (locked) vision tower, which stays in eval mode so that its normalisation
     statistics (BatchNorm in CNN backbones) stay those it was pretrained with."""
@@ -921,10 +965,7 @@ def _run_pretraining(
         total=max_steps, initial=step, desc="pretrain",
         disable=not accelerator.is_local_main_process or training_args.disable_tqdm,
     )
-    # Per-step sums on this process: each loss (sum, count), recall (sum, count), gates of positives/others
-    # (sum, count); reduced over processes once per step.
-    stat_names = [*LOSS_NAMES, "recall", "gate_positive", "gate_other", "forced"]
-    step_sums = torch.zeros(len(stat_names) * 2, dtype=torch.float64)
+    step_statistics = StepStatistics()
     step_start, data_time = time.perf_counter(), 0.0
     stopped_early = False
 
@@ -940,6 +981,11 @@ def _run_pretraining(
             data_time += time.perf_counter() - wait_start
             batches_into_epoch += 1
             micro_batch += 1
+            if training_args.image_augmentation:
+                batch["pixel_values"] = augment_pixel_values(
+                    batch["pixel_values"], seed=(training_args.seed * 1_000_003 + micro_batch) * 1013
+                    + accelerator.process_index,
+                )
             with accelerator.accumulate(model):
                 query = None
                 set_train_mode(unwrapped, freeze_vision)  # evaluation and index refreshes leave eval mode behind
@@ -962,39 +1008,15 @@ def _run_pretraining(
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            for index, name in enumerate(LOSS_NAMES):
-                value = getattr(outputs, name)
-                if value is not None:
-                    step_sums[2 * index] += float(value.detach())
-                    step_sums[2 * index + 1] += 1
-            offset = 2 * len(LOSS_NAMES)
-            step_sums[offset] += retrieval_stats["recall_sum"]
-            step_sums[offset + 1] += retrieval_stats["recall_count"]
-            if num_knowledge > 0 and outputs.knowledge_gates is not None:
-                gates = outputs.knowledge_gates.detach().float().cpu()
-                positive = inputs["knowledge_labels"].cpu().bool()
-                step_sums[offset + 2] += float(gates[positive].sum())
-                step_sums[offset + 3] += float(positive.sum())
-                step_sums[offset + 4] += float(gates[~positive].sum())
-                step_sums[offset + 5] += float((~positive).sum())
-            step_sums[offset + 6] += retrieval_stats["forced"]
-            step_sums[offset + 7] += len(batch["input_ids"])
-
+            step_statistics.add(outputs, inputs, retrieval_stats)
             if not accelerator.sync_gradients:
                 wait_start = time.perf_counter()
                 continue
 
             # ---- an optimizer step is complete ---------------------------------------------------------------------
             step += 1
-            totals = accelerator.reduce(step_sums.to(accelerator.device), reduction="sum").cpu()
-            step_sums.zero_()
             entry = {"step": step, "lr": learning_rate_at(step - 1, training_args, max_steps)}
-            for index, name in enumerate(stat_names):
-                total, count = float(totals[2 * index]), float(totals[2 * index + 1])
-                if name == "forced":
-                    entry["forced_per_pair"] = total / count if count else 0.0
-                else:
-                    entry[name] = total / count if count else None
+            entry.update(step_statistics.reduce(accelerator))
             elapsed = time.perf_counter() - step_start
             entry["samples_per_second"] = global_batch / elapsed if elapsed > 0 else None
             entry["data_time"] = data_time
