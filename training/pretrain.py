@@ -3,10 +3,12 @@
 
 Launch (the same script, any number of processes; arguments can also come from one JSON or YAML file):
 
-    # one process (CPU, or one GPU)
+    # one process (CPU, or one GPU). The real Flickr8k run (EfficientNet-Lite0 locked + MiniLM-L6, Wikipedia vital KB):
     reavl pretrain --train_data ../shared/data/flickr8k/captions.csv --holdout_images 100 \
-        --knowledge ../shared/data/wikipedia_vital --vision_model_path runs/vit-small --text_model_path MINILM \
-        --output_dir runs/flickr --max_steps 300 --per_device_train_batch_size 32
+        --knowledge ../shared/data/wikipedia_vital --vision_model_path EFFNET_LITE0_DIR --text_model_path MINILM_DIR \
+        --freeze_vision_tower True --num_knowledge 4 --max_knowledge_length 32 --max_text_length 32 \
+        --per_device_train_batch_size 64 --max_steps 270 --learning_rate 1e-4 --warmup_steps 20 \
+        --index_refresh_steps 90 --mixed_precision bf16 --dataloader_num_workers 6 --output_dir runs/flickr
     python -m training.pretrain ...same arguments...
     python -m training.pretrain pretrain.yaml            # every argument from a file
 
