@@ -127,6 +127,11 @@ class ModelArguments:
     num_knowledge: int | None = field(
         default=None, metadata={"help": "Override config.num_knowledge (entries retrieved per example)."}
     )
+    retrieval_query_modalities: str | None = field(
+        default=None,
+        metadata={"help": "Override config.retrieval_query_modalities: image_text, image (questions that never name "
+                          "what to look up) or text.", "choices": ["image_text", "image", "text"]},
+    )
     freeze_encoders: bool = field(
         default=False,
         metadata={"help": "Train only the fusion, gates and task head: the vision and text towers (the text tower is "
@@ -639,6 +644,8 @@ def run_finetuning(model_args: ModelArguments | None = None, data_args: DataArgu
     config_overrides: dict[str, Any] = {}
     if model_args.num_knowledge is not None:
         config_overrides["num_knowledge"] = model_args.num_knowledge
+    if model_args.retrieval_query_modalities is not None:
+        config_overrides["retrieval_query_modalities"] = model_args.retrieval_query_modalities
     knowledge_base = None
     if model_args.knowledge_base:
         from processing.knowledge_base import load_knowledge_base
