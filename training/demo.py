@@ -219,7 +219,7 @@ def stage_finetune(output: Path, seed: int, settings: DemoSettings, task: str) -
         per_device_train_batch_size=settings.finetune_batch_size,
         per_device_eval_batch_size=64,
         learning_rate=settings.finetune_learning_rate,
-        warmup_ratio=0.1,
+        warmup_steps=10,
         weight_decay=0.01,
         seed=seed,
         data_seed=seed,
