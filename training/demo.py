@@ -331,7 +331,7 @@ def results_table(results: dict[str, Any]) -> str:
     vqa, el = results["evaluation"]["vqa"], results["evaluation"]["entity-linking"]
     num_test_entities = len(results["world"]["splits"]["test_entities"])
     rows.append(("knowledge VQA", "accuracy", _metric(vqa, "full", "accuracy"),
-                 _metric(vqa, "no_knowledge", "accuracy"), chance["vqa_uniform"]))
+                 _metric(vqa, "no_knowledge", "accuracy"), chance["uniform_overall"]))
     rows.append(("entity linking", "Hits@1", _metric(el, "full", "hits@1"),
                  _metric(el, "no_knowledge", "hits@1"), 1.0 / max(num_test_entities, 1)))
     rows.append(("entity linking", "MRR", _metric(el, "full", "mrr"), _metric(el, "no_knowledge", "mrr"), None))
