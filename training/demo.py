@@ -72,27 +72,34 @@ class DemoStageError(RuntimeError):
     """A demo stage failed; the message names the stage and where its inputs are."""
 
 
-def build_world_tokenizer(texts: list[str], output_dir: Path, vocab_size: int = 4000):
-    """A WordPiece tokenizer trained on the world's own text (no download): every invented name is in its vocab."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+def build_world_tokenizer(texts: list[str], output_dir: Path):
+    """A BERT WordPiece tokenizer whose vocabulary is every word of the world's own text (no download), plus the
+    single characters as fallback pieces: every invented name is one token.
+
+    The vocabulary is built in Python and ordered by (frequency, word), not with the `tokenizers` trainer, whose
+    tie-breaking varies between runs: the same seed must give the same token ids, hence the same metrics.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
     from transformers import BertTokenizerFast
 
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))],
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(
+        word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))
     )
-    fast = BertTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]", model_max_length=64,
+    characters = sorted({character for word in counts for character in word})
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocabulary += characters + [f"##{character}" for character in characters]
+    known = set(vocabulary)
+    vocabulary += [word for word in sorted(counts, key=lambda word: (-counts[word], word)) if word not in known]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizerFast(
+        vocab={token: index for index, token in enumerate(vocabulary)}, do_lower_case=True, model_max_length=64
     )
-    fast.save_pretrained(output_dir)
-    return fast
+    tokenizer.save_pretrained(output_dir)
+    return tokenizer
 
 
 def demo_config(vocab_size: int, settings: DemoSettings, image_size: int):
