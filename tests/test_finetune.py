@@ -154,6 +154,8 @@ def test_finetuning_lowers_the_loss_reports_metrics_and_saves_a_consistent_folde
         assert results["eval"]["eval_num_candidates"] == 4
         assert any("hits@10 equals hits@4" in note for note in results["notes"])
     assert json.loads((output_dir / "finetune_results.json").read_text())["task"] == task
+    assert not (output_dir / "training_args.bin").exists()  # no pickle in a folder that gets pushed
+    assert json.loads((output_dir / "training_args.json").read_text())["max_steps"] == 10
 
     # The saved index was re-embedded with the fine-tuned encoder: the retriever accepts the saved model.
     model = task_model_class(task).from_pretrained(output_dir)

@@ -374,10 +374,15 @@ class ReavlTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save model and processor, re-embedding the knowledge index first when the encoder changed, so the saved
-        folder's index matches its weights."""
+        folder's index matches its weights; the training arguments are written as JSON (no pickle in the folder)."""
         if self.args.should_save:
             self.refresh_knowledge_index()
         super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            # Trainer pickles its arguments next to the weights (nothing reads them back); a pushed repo gets JSON.
+            folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+            (folder / "training_args.bin").unlink(missing_ok=True)
+            (folder / "training_args.json").write_text(self.args.to_json_string() + "\n", encoding="utf-8")
 
 
 _ALL_OUTPUT_KEYS = ("logits", "knowledge_indices", "knowledge_scores", "knowledge_gates", "logits_per_image",
