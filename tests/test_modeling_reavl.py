@@ -11,6 +11,7 @@ import json
 import math
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -805,6 +806,7 @@ EXPECTED_AUTO_MAP = {
 
 def test_isolated_interpreter_cannot_import_the_project(tmp_path):
     # The helper's own guarantee, without which the remote-code test below would prove nothing.
+    project_root = str(Path(__file__).resolve().parents[1])
     result = run_isolated_json(
         """
         import importlib, sys
@@ -815,9 +817,9 @@ def test_isolated_interpreter_cannot_import_the_project(tmp_path):
                 outcome[name] = "imported"
             except ImportError as error:
                 outcome[name] = "blocked" if "blocked" in str(error) else str(error)
-        outcome["project_on_path"] = any(entry.rstrip("/").endswith("/work/main") for entry in sys.path)
+        outcome["project_on_path"] = any(entry.rstrip("/") == PROJECT_ROOT for entry in sys.path)
         emit(outcome)
-        """,
+        """.replace("PROJECT_ROOT", repr(project_root)),
         cwd=tmp_path,
         timeout=120,
     )
