@@ -3,17 +3,37 @@
 The test builds REAVL around all-MiniLM-L6-v2 (`ReavlModel.from_vision_text_pretrained` with a tiny ViT: WikiMEL's
 caption images are not available, so every mention gets the blank placeholder image), wraps it as
 `ReavlForEntityLinking`, embeds the full 18,880-entity knowledge base, and evaluates the first 300 test mentions
-zero-shot (no fine-tuning) with `evaluate_model`, the no-knowledge (name-only) ablation beside it.
+zero-shot (no fine-tuning) with `evaluate_model`, asserting floors measured here (CI budget: a few minutes, most of
+it embedding the knowledge base at 16 tokens per entry).
 
-The same builder prepares the full run (README/report figures); from the project root:
+The same builder prepares the full run. Measured on this machine (2 shared CPU cores, OMP_NUM_THREADS=1, load
+average 5-7 from other jobs), from the project root:
 
-    python -m tests.test_finetune_realdata build runs/wikimel_minilm --max_knowledge_length 32
+    python -m tests.test_finetune_realdata build runs/wikimel_minilm --max_knowledge_length 32       # 10.5 min
     reavl evaluate --task entity-linking --model runs/wikimel_minilm --data ../shared/data/wikimel --split test \
-        --ablation --json runs/wikimel_zero_shot.json
+        --batch_size 50 --json runs/zero_shot.json                                                   # 25 min
     reavl finetune --task entity-linking --model_name_or_path runs/wikimel_minilm \
-        --train_file ../shared/data/wikimel --output_dir runs/wikimel_finetuned --max_steps 400 ...
+        --train_file ../shared/data/wikimel --train_split train --output_dir runs/wikimel_finetuned \
+        --freeze_encoders --train_num_candidates 5 --num_candidates 10 --per_device_train_batch_size 16 \
+        --learning_rate 1e-4 --warmup_steps 20 --max_steps 431 --logging_steps 10 --save_strategy no \
+        --report_to none --dataloader_pin_memory false --seed 0                                     # 18.4 min
     reavl evaluate --task entity-linking --model runs/wikimel_finetuned --data ../shared/data/wikimel --split test \
-        --ablation --json runs/wikimel_finetuned.json
+        --batch_size 50 --ablation --json runs/finetuned.json                                       # 33 min
+
+WikiMEL test, 5,131 mentions against all 18,880 entities, 10 candidates (% ; hits@10 is the retriever's recall):
+
+| model | hits@1 | hits@5 | hits@10 | MRR |
+|---|---|---|---|---|
+| retriever order (MiniLM, sentence vs name + facts) | 60.7 | | 86.0 | 69.5 |
+| zero-shot head (untrained fusion and head) | 54.8 | 77.4 | 86.0 | 64.6 |
+| fine-tuned head (431 steps x 16 = 6,896 mentions, 0.38 epoch, frozen encoders) | 68.0 | 84.1 | 86.0 | 75.0 |
+| fine-tuned, no knowledge (fusion does not read the entries) | 68.0 | 84.1 | 86.0 | 75.0 |
+
+The zero-shot ablation equals the full model exactly (the knowledge gate starts at tanh(0) = 0; checked on the first
+300 mentions, not rerun on all 5,131); after fine-tuning
+the gate had moved to 0.0006, so the fusion still barely reads the entries and the ablation matches to 4 decimals:
+the gain came from the head comparing the mention with the candidate entries. For orientation (data README): name
+matching 81.2, MiniLM dense retrieval with mention + sentence 72.4; published GHMFC 76.55, MIMIC 87.98.
 """
 
 import argparse
