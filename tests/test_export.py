@@ -99,15 +99,6 @@ def file_hashes(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run ~50x faster on one thread than on a shared machine's contended thread pool."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("export")

@@ -182,16 +182,6 @@ def tester():
     return ReavlModelTester()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # These tensors are tiny: on a shared machine, several intra-op threads spin against each other (measured: a
-    # training step takes 0.14 s on one thread and 4 s on two under load). One thread, restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(tester, model_class=ReavlModel, seed=0, **config_overrides):
     torch.manual_seed(seed)
     return model_class(tester.get_config(**config_overrides)).eval()
