@@ -953,10 +953,11 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
         with torch.no_grad():
             similarity = (parts["image_embeds"] @ parts["text_embeds"].t()).float()
             eye = torch.eye(batch_size, dtype=torch.bool, device=device)
-            weights_i2t = (similarity / 0.07).softmax(dim=1).masked_fill(eye, 0) + 1e-8
-            weights_t2i = (similarity.t() / 0.07).softmax(dim=1).masked_fill(eye, 0) + 1e-8
-            negative_text = torch.multinomial(weights_i2t.masked_fill(eye, 0)[:num_anchors], repeat).flatten()
-            negative_image = torch.multinomial(weights_t2i.masked_fill(eye, 0)[:num_anchors], repeat).flatten()
+            # +1e-8 keeps every other example drawable; the diagonal (the positive) is never drawn.
+            weights_i2t = ((similarity / 0.07).softmax(dim=1) + 1e-8).masked_fill(eye, 0)
+            weights_t2i = ((similarity.t() / 0.07).softmax(dim=1) + 1e-8).masked_fill(eye, 0)
+            negative_text = torch.multinomial(weights_i2t[:num_anchors], repeat).flatten()
+            negative_image = torch.multinomial(weights_t2i[:num_anchors], repeat).flatten()
         anchors = torch.arange(num_anchors, device=device).repeat_interleave(repeat)
         positives = torch.arange(num_anchors, device=device)
         # Pairs (image, text): positives, then (image, hard negative text), then (hard negative image, text).
@@ -1469,7 +1470,7 @@ class ReavlForImageTextClassification(_ReavlTaskModel):
                     "pixel_values must have shape (batch, 2, channels, height, width) for two-image classification, "
                     f"got {tuple(pixel_values.shape)}"
                 )
-            pooled, gates, parts = [], [], None
+            pooled, parts = [], None
             for image_slot in range(2):
                 parts = self.reavl.run_parts(
                     pixel_values[:, image_slot], input_ids, attention_mask, knowledge_input_ids,

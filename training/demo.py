@@ -392,8 +392,7 @@ def run_demo(output: str | Path = "reavl_demo_output", seed: int = 0, quick: boo
         return value
 
     results["world"] = stage("world", stage_world, output, seed, settings)
-    image_size = results["world"]["image_size"] if "image_size" in results["world"] else 32
-    stage("init", stage_init, output, seed, settings, image_size)
+    stage("init", stage_init, output, seed, settings, results["world"]["image_size"])
     results["pretrain"] = stage("pretrain", stage_pretrain, output, seed, settings)
     results["finetune"] = {
         "vqa": stage("finetune vqa", stage_finetune, output, seed, settings, "vqa"),
