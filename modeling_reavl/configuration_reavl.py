@@ -10,6 +10,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 
 FUSION_POOLING_CHOICES = ("mean", "cls")
+KNOWLEDGE_POOLING_CHOICES = ("mean", "cls", "attention")
 RETRIEVAL_QUERY_CHOICES = ("image_text", "image", "text")
 
 REAVL_AUTO_MAP = {
@@ -64,6 +65,11 @@ class ReavlConfig(PreTrainedConfig):
         pooling (`str`, *optional*, defaults to `"mean"`):
             How the text tower and knowledge encoder are pooled into one vector for retrieval and ITC: `"mean"` over
             non-padding tokens (what sentence encoders such as MiniLM are trained for) or `"cls"`.
+        knowledge_pooling (`str`, *optional*):
+            How knowledge entries are pooled into their retrieval key; `None` (default) uses `pooling`. `"attention"`
+            is a learned softmax over the entry's tokens that starts as mean pooling (zero-initialised scorer) and
+            can learn to weight the tokens that identify an entry (its name) over the template words that every
+            entry shares; mean pooling of long templated entries gives near-identical keys to an untrained tower.
         retrieval_query_modalities (`str`, *optional*, defaults to `"image_text"`):
             What the retrieval query of `forward` (and of `get_query_embeddings` given both) is built from:
             `"image_text"` (the image and the text), `"image"` (tasks whose text never names what to look up, e.g.
@@ -89,6 +95,13 @@ class ReavlConfig(PreTrainedConfig):
             passes); `None` uses the whole batch.
         entity_linking_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the entity-linking candidate softmax.
+        answer_token_ids (`list[list[int]]`, *optional*):
+            Token ids of each VQA answer label (in label order, without special tokens). When set,
+            `ReavlForQuestionAnswering` adds a copy score to each answer's logit: a pointer over the retrieved entries'
+            tokens, weighted by each entry's retrieval posterior, summed over the places where the answer's tokens
+            occur. Fine-tuning sets it from the tokenizer; `None` keeps the plain classifier.
+        answer_copy_weight_init (`float`, *optional*, defaults to 5.0):
+            Initial weight of that copy score in the answer logits.
         classification_num_images (`int`, *optional*, defaults to 1):
             Images per example of the pair-classification head (1: SNLI-VE style, 2: NLVR2 style).
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -132,6 +145,7 @@ class ReavlConfig(PreTrainedConfig):
     knowledge_gate_init: float = 0.0
     relevance_score_weight_init: float = 1.0
     pooling: str = "mean"
+    knowledge_pooling: str | None = None
     retrieval_query_modalities: str = "image_text"
     retrieval_temperature: float = 0.05
     logit_scale_init_value: float = 2.6592
@@ -148,6 +162,8 @@ class ReavlConfig(PreTrainedConfig):
     num_itm_hard_negatives: int = 1
     itm_max_examples: int | None = None
     entity_linking_temperature: float = 0.05
+    answer_token_ids: list[list[int]] | None = None
+    answer_copy_weight_init: float = 5.0
     classification_num_images: int = 1
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
@@ -161,6 +177,10 @@ class ReavlConfig(PreTrainedConfig):
             self.share_knowledge_encoder = False
         if self.pooling not in FUSION_POOLING_CHOICES:
             raise ValueError(f"pooling must be one of {FUSION_POOLING_CHOICES}, got {self.pooling!r}")
+        if self.knowledge_pooling is not None and self.knowledge_pooling not in KNOWLEDGE_POOLING_CHOICES:
+            raise ValueError(
+                f"knowledge_pooling must be None or one of {KNOWLEDGE_POOLING_CHOICES}, got {self.knowledge_pooling!r}"
+            )
         if self.retrieval_query_modalities not in RETRIEVAL_QUERY_CHOICES:
             raise ValueError(
                 f"retrieval_query_modalities must be one of {RETRIEVAL_QUERY_CHOICES}, got "
@@ -178,6 +198,10 @@ class ReavlConfig(PreTrainedConfig):
             raise ValueError(
                 f"kg_relations lists {len(self.kg_relations)} relations but num_kg_relations={self.num_kg_relations}"
             )
+        if self.answer_token_ids is not None and (
+            not all(isinstance(tokens, (list, tuple)) and len(tokens) > 0 for tokens in self.answer_token_ids)
+        ):
+            raise ValueError("answer_token_ids must be a list with a non-empty list of token ids per answer label")
         if self.classification_num_images not in (1, 2):
             raise ValueError(f"classification_num_images must be 1 or 2, got {self.classification_num_images}")
 

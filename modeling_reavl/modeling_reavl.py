@@ -388,6 +388,9 @@ class ReavlPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, ReavlModel):
             init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+            if module.knowledge_pool_scorer is not None:
+                init.zeros_(module.knowledge_pool_scorer.weight)
+                init.zeros_(module.knowledge_pool_scorer.bias)
 
         elif isinstance(module, nn.Linear):
             # Every tower is a PreTrainedModel with its own init; this branch only reaches REAVL's own layers.
@@ -459,6 +462,10 @@ class ReavlModel(ReavlPreTrainedModel):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
         self.retrieval_head = ReavlRetrievalHead(config, vision_hidden, knowledge_hidden)
         self.relevance_gate = ReavlRelevanceGate(config, vision_hidden, knowledge_hidden)
+        # Learned attention pooling of knowledge entries (zero-initialised: starts as mean pooling).
+        self.knowledge_pool_scorer = (
+            nn.Linear(knowledge_hidden, 1) if config.knowledge_pooling == "attention" else None
+        )
         self.fusion_layers = nn.ModuleList([ReavlFusionLayer(config) for _ in range(config.num_fusion_layers)])
         self.fusion_norm = nn.LayerNorm(text_hidden, eps=config.layer_norm_eps)
         self._retriever = None
@@ -522,9 +529,14 @@ class ReavlModel(ReavlPreTrainedModel):
             pooled = states.mean(dim=1)
         return states, pooled
 
-    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.config.pooling == "cls":
+    def _pool(self, states: torch.Tensor, attention_mask: torch.Tensor, pooling: str | None = None) -> torch.Tensor:
+        pooling = pooling or self.config.pooling
+        if pooling == "cls":
             return states[:, 0]
+        if pooling == "attention":
+            scores = self.knowledge_pool_scorer(states).squeeze(-1).float()
+            weights = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min).softmax(dim=-1)
+            return torch.einsum("bl,bld->bd", weights.to(states.dtype), states)
         mask = attention_mask.unsqueeze(-1).to(states.dtype)
         return (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
@@ -545,7 +557,7 @@ class ReavlModel(ReavlPreTrainedModel):
         """Knowledge encoder over flat entries `(num_entries, length)`: (token states, pooled vectors)."""
         encoder = self.knowledge_model if self.knowledge_model is not None else self.text_model
         states = encoder(input_ids=knowledge_input_ids, attention_mask=knowledge_attention_mask).last_hidden_state
-        return states, self._pool(states, knowledge_attention_mask)
+        return states, self._pool(states, knowledge_attention_mask, self.config.knowledge_pooling)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised ITC image embeddings `(batch, projection_dim)`."""
@@ -573,6 +585,8 @@ class ReavlModel(ReavlPreTrainedModel):
         encoder = self.knowledge_model if self.knowledge_model is not None else self.text_model
         yield from encoder.named_parameters()
         yield "retrieval_head.key_weight", self.retrieval_head.key_weight
+        if self.knowledge_pool_scorer is not None:
+            yield from self.knowledge_pool_scorer.named_parameters(prefix="knowledge_pool_scorer")
 
     @torch.no_grad()
     def knowledge_encoder_fingerprint(self) -> str:
@@ -779,6 +793,7 @@ class ReavlModel(ReavlPreTrainedModel):
             "text_embeds": F.normalize(self.text_projection(text_pooled), dim=-1),
             "query_embeds": query_embeds,
             "knowledge": knowledge,
+            "knowledge_input_ids": knowledge_input_ids,
             "knowledge_attention_mask": knowledge_attention_mask,
             "knowledge_indices": knowledge_indices,
             "fused": fused,
@@ -902,7 +917,13 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
         self.reavl.set_retriever(retriever)
 
     def _itc_losses(
-        self, parts: dict[str, Any], knowledge_labels: torch.Tensor | None, masked_text_pooled: torch.Tensor | None
+        self,
+        parts: dict[str, Any],
+        knowledge_labels: torch.Tensor | None,
+        masked_text_pooled: torch.Tensor | None,
+        negative_keys: torch.Tensor | None = None,
+        negative_key_indices: torch.Tensor | None = None,
+        view_image_pooled: torch.Tensor | None = None,
     ):
         rank, _ = _distributed_world()
         image_embeds, text_embeds = parts["image_embeds"], parts["text_embeds"]
@@ -933,12 +954,35 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             queries = [parts["query_embeds"], self.reavl.retrieval_head.query(None, parts["image_pooled"])]
             if masked_text_pooled is not None:
                 queries.append(self.reavl.retrieval_head.query(masked_text_pooled, parts["image_pooled"]))
-            alignment_loss = torch.stack(
-                [
-                    multi_positive_contrastive_loss(query @ all_keys.t() / self.config.retrieval_temperature, positive)
-                    for query in queries
-                ]
-            ).mean()
+            candidates = all_keys
+            if negative_keys is not None and negative_keys.shape[0] > 0:
+                # Index-wide negatives (cached index embeddings, no gradient): every entry of the index competes, not
+                # only the few retrieved in this batch, which is what image-only retrieval needs to separate
+                # hundreds of look-alike entities. Rows retrieved in the batch already compete with fresh keys.
+                extra = negative_keys.to(all_keys.dtype).detach()
+                if negative_key_indices is not None and parts["knowledge_indices"] is not None:
+                    in_batch = (negative_key_indices[:, None] == parts["knowledge_indices"].reshape(1, -1)).any(-1)
+                    extra = extra[~in_batch]
+                candidates = torch.cat([all_keys, extra])
+                positive = torch.cat([positive, positive.new_zeros(batch_size, extra.shape[0])], dim=1)
+            # Extra augmented views of each image (vision tower only): their image-only queries share the pair's
+            # positives, several looks at an entity per pair for the price of a few small CNN/ViT passes.
+            image_only = [(queries.pop(1), positive)]
+            if view_image_pooled is not None:
+                num_views = view_image_pooled.shape[0] // batch_size
+                image_only.append(
+                    (self.reavl.retrieval_head.query(None, view_image_pooled), positive.repeat_interleave(num_views, 0))
+                )
+            temperature = self.config.retrieval_temperature
+            losses = [multi_positive_contrastive_loss(query @ candidates.t() / temperature, positive) for query in queries]
+            # Image-only queries learn to find the keys but do not move them: keys are anchored by the text-bearing
+            # queries (which name or describe the entity). Early image queries are nearly alike, and letting them
+            # pull the keys would drag every key towards the same point.
+            losses += [
+                multi_positive_contrastive_loss(query @ candidates.detach().t() / temperature, targets)
+                for query, targets in image_only
+            ]
+            alignment_loss = torch.stack(losses).mean()
         return itc_loss, alignment_loss, logits_per_image, logits_per_text
 
     def _itm_loss(self, parts: dict[str, Any]):
@@ -1045,6 +1089,9 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
         mlm_input_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         kg_triples: torch.Tensor | None = None,
+        negative_keys: torch.Tensor | None = None,
+        negative_key_indices: torch.Tensor | None = None,
+        view_pixel_values: torch.Tensor | None = None,
         compute_itm: bool = True,
         return_dict: bool | None = None,
         **kwargs,
@@ -1055,6 +1102,11 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             knowledge_labels (`(batch, K)`, *optional*): 1 for the entries that are weak positives of the pair.
             mlm_input_ids (`(batch, text_length)`, *optional*): the masked text; `mlm_labels` the targets (-100 off).
             kg_triples (`(batch, num_triples, 3)`, *optional*): `[head slot, relation id, tail slot]`, -1 padded.
+            negative_keys (`(num_negatives, retrieval_dim)`, *optional*): cached index embeddings used as extra
+                negatives of the knowledge alignment (no gradient); `negative_key_indices` `(num_negatives,)` their
+                index rows, so that rows retrieved in the batch are not counted twice.
+            view_pixel_values (`(batch, views, channels, height, width)`, *optional*): extra augmented views of each
+                image; their image-only queries are aligned to the pair's weak positives.
             compute_itm (`bool`, defaults to `True`): compute the ITM loss (needs batch > 1).
         """
         parts = self.reavl.run_parts(
@@ -1080,8 +1132,24 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
                     f"{tuple(mlm_labels.shape)}, got {None if mlm_input_ids is None else tuple(mlm_input_ids.shape)}"
                 )
             masked_states, masked_pooled = self.reavl.encode_text(mlm_input_ids, parts["attention_mask"])
+        view_image_pooled = None
+        if view_pixel_values is not None:
+            if view_pixel_values.dim() != 5 or view_pixel_values.shape[0] != pixel_values.shape[0]:
+                raise ValueError(
+                    "view_pixel_values must have shape (batch, views, channels, height, width) with batch "
+                    f"{pixel_values.shape[0]}, got {tuple(view_pixel_values.shape)}"
+                )
+            _, view_image_pooled = self.reavl.encode_image(view_pixel_values.flatten(0, 1))
+        if negative_keys is not None and (
+            negative_keys.dim() != 2 or negative_keys.shape[-1] != parts["query_embeds"].shape[-1]
+        ):
+            raise ValueError(
+                f"negative_keys must have shape (num_negatives, retrieval_dim={parts['query_embeds'].shape[-1]}), "
+                f"got {tuple(negative_keys.shape)}"
+            )
         losses["itc_loss"], losses["knowledge_alignment_loss"], logits_per_image, logits_per_text = self._itc_losses(
-            parts, knowledge_labels if has_knowledge else None, masked_pooled
+            parts, knowledge_labels if has_knowledge else None, masked_pooled, negative_keys, negative_key_indices,
+            view_image_pooled,
         )
 
         mlm_logits = None
@@ -1222,8 +1290,68 @@ class ReavlForQuestionAnswering(_ReavlTaskModel):
     def __init__(self, config: ReavlConfig):
         super().__init__(config)
         self.reavl = ReavlModel(config)
-        self.vqa_head = ReavlClassifierHead(config, config.text_config.hidden_size, config.num_labels)
+        hidden = config.text_config.hidden_size
+        self.vqa_head = ReavlClassifierHead(config, hidden, config.num_labels)
+        # Copy from knowledge: a pointer from the fused [CLS] over the retrieved entries' tokens. Answers that a
+        # knowledge base states (a capital, a language) are read from the entry instead of recalled by the
+        # classifier, which is what lets the model answer for entities it was never fine-tuned on.
+        self.copy_query = nn.Linear(hidden, hidden)
+        self.copy_key = nn.Linear(config.knowledge_encoder_config.hidden_size, hidden)
+        self.copy_weight = nn.Parameter(torch.full((1,), float(config.answer_copy_weight_init)))
+        answers = config.answer_token_ids
+        if answers is not None and len(answers) != config.num_labels:
+            raise ValueError(
+                f"answer_token_ids has {len(answers)} answers but the model has num_labels={config.num_labels}"
+            )
+        self._answer_table: torch.Tensor | None = None
         self.post_init()
+
+    @property
+    def answer_token_ids(self) -> torch.Tensor:
+        """`(num_labels, max_answer_tokens)` token ids of each answer label, -1 padded (empty without copying).
+
+        Built from the config on first use, not kept as a buffer: non-persistent buffers are not materialised when
+        `from_pretrained` builds the model on the meta device."""
+        if self._answer_table is None:
+            answers = self.config.answer_token_ids or []
+            width = max((len(tokens) for tokens in answers), default=1)
+            table = torch.full((len(answers), width), -1, dtype=torch.long, device="cpu")
+            for row, tokens in enumerate(answers):
+                table[row, : len(tokens)] = torch.as_tensor(tokens, dtype=torch.long, device="cpu")
+            self._answer_table = table
+        return self._answer_table
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            init.constant_(module.copy_weight, self.config.answer_copy_weight_init)
+
+    def answer_occurrences(self, knowledge_input_ids: torch.Tensor) -> torch.Tensor:
+        """`(B, K, L, num_labels)` 1.0 where answer `a`'s token sequence starts at token `l` of entry `k`."""
+        answers = self.answer_token_ids.to(knowledge_input_ids.device)
+        occurs = knowledge_input_ids.new_ones(*knowledge_input_ids.shape, answers.shape[0], dtype=torch.bool)
+        for offset in range(answers.shape[1]):
+            shifted = F.pad(knowledge_input_ids[..., offset:], (0, offset), value=-2)
+            wanted = answers[:, offset]
+            occurs &= (shifted.unsqueeze(-1) == wanted) | (wanted < 0)
+        return occurs.to(torch.float32)
+
+    def copy_scores(self, fused_cls, knowledge, knowledge_input_ids, knowledge_attention_mask) -> torch.Tensor | None:
+        """Probability mass that the pointer puts on each answer's occurrences in the retrieved entries `(B, A)`:
+        sum over entries of p(entry | query) * sum over the answer's occurrences of p(token | entry, question).
+        p(entry | query) is the softmax of retrieval score / temperature plus the relevance gate logit."""
+        if knowledge["states"] is None or not self.config.answer_token_ids:
+            return None
+        states = knowledge["states"]
+        pointer = torch.einsum("bh,bklh->bkl", self.copy_query(fused_cls), self.copy_key(states))
+        pointer = (pointer / math.sqrt(fused_cls.shape[-1])).float()
+        token_mask = knowledge_attention_mask.bool()
+        pointer = pointer.masked_fill(~token_mask, torch.finfo(pointer.dtype).min).softmax(dim=-1)
+        valid_entries = token_mask.any(dim=-1)
+        entry_logits = knowledge["scores"].float() / self.config.retrieval_temperature + knowledge["gate_logits"].float()
+        entry_prior = entry_logits.masked_fill(~valid_entries, torch.finfo(entry_logits.dtype).min).softmax(dim=-1)
+        token_probability = entry_prior.unsqueeze(-1) * pointer * token_mask
+        return torch.einsum("bkl,bkla->ba", token_probability, self.answer_occurrences(knowledge_input_ids))
 
     def forward(
         self,
@@ -1248,6 +1376,12 @@ class ReavlForQuestionAnswering(_ReavlTaskModel):
             knowledge_scores, knowledge_indices, use_knowledge,
         )
         logits = self.vqa_head(parts["fused"][:, 0])
+        if self.config.answer_token_ids and parts["knowledge"]["states"] is not None:
+            knowledge_ids = parts["knowledge_input_ids"]
+            copied = self.copy_scores(
+                parts["fused"][:, 0], parts["knowledge"], knowledge_ids, parts["knowledge_attention_mask"]
+            )
+            logits = logits + self.copy_weight * copied.to(logits.dtype)
         loss = None
         if labels is not None:
             if labels.shape != logits.shape:
@@ -1266,6 +1400,10 @@ class ReavlForEntityLinking(_ReavlTaskModel):
 
     Score of candidate k: `<W_m mention, W_e entry_k> / (sqrt(d) * T) + w * retrieval_logit_k / T`, where the mention
     vector is the fused states averaged over the mention span (the fused [CLS] without a span).
+
+    `use_knowledge=False` is the no-knowledge ablation: the mention is fused without the entries' tokens and the
+    candidates are scored by similarity alone, without the retrieval score; the fine-tuning and evaluation scripts
+    then pass each candidate as its title only (`training.finetune.ReavlTrainer.title_entries`).
     """
 
     def __init__(self, config: ReavlConfig):
@@ -1316,7 +1454,7 @@ class ReavlForEntityLinking(_ReavlTaskModel):
             )
         fused = parts["fused"]
         if not use_knowledge:
-            # Name-only ablation: the mention is read without the entries' tokens in the fusion.
+            # No-knowledge ablation: the mention is read without the entries' tokens in the fusion.
             fused = self.reavl.fuse(parts["text_states"], parts["attention_mask"], parts["image_states"])
         if mention_mask is not None:
             if mention_mask.shape != fused.shape[:2]:
@@ -1334,7 +1472,12 @@ class ReavlForEntityLinking(_ReavlTaskModel):
         entities = self.entity_projection(knowledge["pooled"])
         temperature = self.config.entity_linking_temperature
         similarity = torch.einsum("bh,bkh->bk", F.normalize(mention, dim=-1), F.normalize(entities, dim=-1))
-        logits = (similarity + self.retrieval_weight * knowledge["retrieval_logits"]) / temperature
+        if use_knowledge:
+            logits = (similarity + self.retrieval_weight * knowledge["retrieval_logits"]) / temperature
+        else:
+            # No-knowledge ablation: no retrieval score (the retriever embeds the entries' text) and, as the
+            # fine-tuning scripts pass them, candidates given by their titles alone.
+            logits = similarity / temperature
         valid_entries = parts["knowledge_attention_mask"].any(dim=-1)
         logits = logits.masked_fill(~valid_entries, torch.finfo(logits.dtype).min)
         loss = None

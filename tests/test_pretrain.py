@@ -290,3 +290,42 @@ def test_bf16_mixed_precision_on_cpu(world, tmp_path):
     ))
     assert all(value["last"] == value["last"] and abs(value["last"]) < 1e4 for value in results["losses"].values())
     assert results["weak_positive_recall_at_k"]["after"] is not None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Query-side retriever tuning (training/query_tuning.py)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_query_tuning_trains_image_lookup_and_leaves_the_knowledge_encoder_locked(world, tmp_path):
+    """The same multi-task run with and without 150 query-tuning steps: the text tower (the knowledge encoder) is
+    identical, the vision tower and the key projection moved, the image-only lookup improved, and the saved index
+    matches the saved model's keys."""
+    from processing import ReavlRetriever
+
+    shared = dict(max_steps=10, save_steps=0, num_knowledge=2, image_augmentation=True, index_negatives=-1,
+                  alignment_views=2, index_refresh_steps=5)
+    plain = run_pretraining(output_dir=str(tmp_path / "plain"), **common_arguments(world, **shared))
+    tuned = run_pretraining(output_dir=str(tmp_path / "tuned"), **common_arguments(
+        world, **shared, query_tuning_steps=150, query_tuning_learning_rate=3e-3,
+    ))
+    assert "query_tuning" not in plain
+    tuning = tuned["query_tuning"]
+    assert tuning["steps"] == 150
+    assert tuning["loss"]["last_mean"] < 0.8 * tuning["loss"]["first_mean"], tuning
+    assert tuning["image_recall_at_1"]["last_mean"] > tuning["image_recall_at_1"]["first_mean"], tuning
+
+    before = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    after = load_file(str(tmp_path / "tuned" / "final" / "model.safetensors"))
+    text_tower = [name for name in before if name.startswith("reavl.text_model.")]
+    assert text_tower and all(torch.equal(before[name], after[name]) for name in text_tower)
+    assert not torch.equal(before["reavl.retrieval_head.key_weight"], after["reavl.retrieval_head.key_weight"])
+    assert not torch.equal(before["reavl.retrieval_head.query_image_weight"],
+                           after["reavl.retrieval_head.query_image_weight"])
+    model, _ = assert_loads_as_hub_folder(tmp_path / "tuned" / "final", tmp_path)
+    ReavlRetriever.from_pretrained(str(tmp_path / "tuned" / "final" / "knowledge")).check_compatible(model.reavl)
+
+
+def test_alignment_views_need_image_augmentation(world, tmp_path):
+    with pytest.raises(ValueError, match="alignment_views"):
+        run_pretraining(output_dir=str(tmp_path / "bad"), **common_arguments(world, max_steps=1, alignment_views=2))

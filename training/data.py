@@ -631,6 +631,8 @@ class KnowledgeBatchBuilder:
         mlm_probability: share of maskable tokens masked.
         knowledge_graph: a :class:`KnowledgeGraph` over the KB, or ``None`` (no KG loss).
         force_positives: force missing weak positives in (turn off to measure plain retrieval).
+        index_negatives: cached index embeddings given to the model as extra alignment negatives
+            (``negative_keys``): 0 none, -1 every row, ``n`` a seeded random sample of ``n`` rows per batch.
     """
 
     def __init__(
@@ -642,6 +644,7 @@ class KnowledgeBatchBuilder:
         knowledge_graph: KnowledgeGraph | None = None,
         force_positives: bool = True,
         max_triples_per_example: int = 32,
+        index_negatives: int = 0,
     ):
         if num_knowledge > 0 and retriever is None:
             raise ValueError("num_knowledge > 0 needs a retriever")
@@ -656,6 +659,7 @@ class KnowledgeBatchBuilder:
         self.special_token_ids = sorted(set(tokenizer.all_special_ids))
         self.vocab_size = len(tokenizer)
         self.mlm_probability = mlm_probability
+        self.index_negatives = index_negatives
         self.index_embeddings: torch.Tensor | None = None
 
     def set_index_embeddings(self, embeddings) -> None:
@@ -719,6 +723,13 @@ class KnowledgeBatchBuilder:
             knowledge_indices=indices,
             knowledge_labels=labels,
         )
+        if self.index_negatives:
+            num_rows = self.index_embeddings.shape[0]
+            if self.index_negatives < 0 or self.index_negatives >= num_rows:
+                rows = torch.arange(num_rows)
+            else:
+                rows = torch.randperm(num_rows, generator=generator)[: self.index_negatives]
+            inputs.update(negative_keys=self.index_embeddings[rows], negative_key_indices=rows)
         if self.knowledge_graph is not None:
             kg_triples = self.knowledge_graph.batch_triples(indices, self.max_triples_per_example)
             if kg_triples is not None:

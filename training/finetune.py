@@ -171,6 +171,10 @@ class DataArguments:
         metadata={"help": "VQA answer vocabulary JSON ({answer: id} or a list); default: the model's id2label if "
                           "it is a VQA model, else built from the training answers."},
     )
+    no_answer_copy: bool = field(
+        default=False,
+        metadata={"help": "VQA: a plain answer classifier, without copying answers from the retrieved entries."},
+    )
     min_answer_count: int = field(
         default=1, metadata={"help": "Built vocabulary: answers given in at least this many training questions."}
     )
@@ -340,6 +344,8 @@ class ReavlTrainer(Trainer):
             labels[missed] = indices.shape[1] - 1
             entry_ids, entry_mask = self.candidate_retriever.get_entries(indices)
             entry_ids, entry_mask = torch.as_tensor(entry_ids), torch.as_tensor(entry_mask)
+        if inputs.get("use_knowledge") is False:
+            entry_ids, entry_mask = self.title_entries(indices)
         inputs.update(
             knowledge_input_ids=entry_ids.to(device),
             knowledge_attention_mask=entry_mask.to(device),
@@ -347,6 +353,18 @@ class ReavlTrainer(Trainer):
             labels=labels.to(device),
         )
         return inputs
+
+    def title_entries(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The no-knowledge ablation of entity linking: each candidate is its title alone (no entry text), so the
+        head can only link by what the image and mention say about the name."""
+        titles = self.candidate_retriever.titles
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        flat = [titles[int(row)] if row >= 0 else "" for row in indices.reshape(-1).tolist()]
+        encoded = tokenizer(flat, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        shape = (*indices.shape, encoded["input_ids"].shape[-1])
+        mask = encoded["attention_mask"].reshape(shape)
+        mask[indices < 0] = 0
+        return encoded["input_ids"].reshape(shape), mask
 
     def _move(self, inputs: dict) -> dict:
         device = self.args.device
@@ -690,6 +708,13 @@ def run_finetuning(model_args: ModelArguments | None = None, data_args: DataArgu
     if label2id is not None:
         config_overrides["id2label"] = {index: label for label, index in label2id.items()}
         config_overrides["label2id"] = dict(label2id)
+    if task == "vqa" and not data_args.no_answer_copy:
+        # The answers' token ids let the VQA head copy an answer from a retrieved entry (see ReavlConfig).
+        ordered = sorted(label2id.items(), key=lambda item: item[1])
+        config_overrides["answer_token_ids"] = [
+            processor.tokenizer(label, add_special_tokens=False)["input_ids"] or [processor.tokenizer.unk_token_id]
+            for label, _ in ordered
+        ]
 
     model = model_class.from_pretrained(model_args.model_name_or_path,
                                         trust_remote_code=model_args.trust_remote_code, **config_overrides)

@@ -243,6 +243,28 @@ class PretrainingArguments:
         metadata={"help": "Random translation and brightness/contrast jitter of the training images (seeded per "
                           "micro-batch, so resume stays exact); for data with few images per entity."},
     )
+    alignment_views: int = field(
+        default=0,
+        metadata={"help": "Extra augmented views of each image whose image-only queries are aligned to the pair's "
+                          "weak positives (vision tower only, cheap); needs --image_augmentation."},
+    )
+    index_negatives: int = field(
+        default=0,
+        metadata={"help": "Cached index embeddings used as extra negatives of the knowledge alignment: 0 none, "
+                          "-1 the whole index, n a random sample of n rows per batch."},
+    )
+    query_tuning_steps: int = field(
+        default=0,
+        metadata={"help": "After the multi-task steps: steps of query-side retriever tuning against the whole index "
+                          "with the knowledge encoder locked (training.query_tuning); cheap steps that sharpen "
+                          "image-only retrieval."},
+    )
+    query_tuning_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the query tuning (default: --learning_rate)."}
+    )
+    query_tuning_key_projection: bool = field(
+        default=True, metadata={"help": "Query tuning also trains the key projection (the index is re-embedded)."}
+    )
     disable_tqdm: bool = False
     use_cpu: bool = field(
         default=False,
@@ -302,6 +324,11 @@ def _check_arguments(model_args: ModelArguments, data_args: DataArguments, train
         raise ValueError("--config_json needs --tokenizer_name_or_path (the text tower's tokenizer)")
     if training_args.per_device_train_batch_size < 2:
         raise ValueError("per_device_train_batch_size must be >= 2 (contrastive and ITM losses need negatives)")
+    if training_args.alignment_views < 0 or (training_args.alignment_views and not training_args.image_augmentation):
+        raise ValueError(
+            f"--alignment_views must be >= 0 and needs --image_augmentation, got alignment_views="
+            f"{training_args.alignment_views}, image_augmentation={training_args.image_augmentation}"
+        )
     if training_args.mixed_precision not in (None, "no", "fp16", "bf16"):
         raise ValueError(f"--mixed_precision must be no, fp16 or bf16, got {training_args.mixed_precision!r}")
     return model_args, data_args, training_args
@@ -879,6 +906,7 @@ def _run_pretraining(
 
     builder = KnowledgeBatchBuilder(
         retriever, num_knowledge, tokenizer, config.mlm_probability, knowledge_graph,
+        index_negatives=training_args.index_negatives,
     )
     if refresher is not None and refresher.embeddings is not None:
         builder.set_index_embeddings(refresher.embeddings)
@@ -984,10 +1012,17 @@ def _run_pretraining(
             batches_into_epoch += 1
             micro_batch += 1
             if training_args.image_augmentation:
-                batch["pixel_values"] = augment_pixel_values(
-                    batch["pixel_values"], seed=(training_args.seed * 1_000_003 + micro_batch) * 1013
-                    + accelerator.process_index,
-                )
+                augment_seed = (training_args.seed * 1_000_003 + micro_batch) * 1013 + accelerator.process_index
+                original = batch["pixel_values"]
+                batch["pixel_values"] = augment_pixel_values(original, seed=augment_seed)
+                if training_args.alignment_views:
+                    batch["view_pixel_values"] = torch.stack(
+                        [
+                            augment_pixel_values(original, seed=augment_seed + 7919 * view)
+                            for view in range(1, training_args.alignment_views + 1)
+                        ],
+                        dim=1,
+                    )
             with accelerator.accumulate(model):
                 query = None
                 set_train_mode(unwrapped, freeze_vision)  # evaluation and index refreshes leave eval mode behind
@@ -1000,6 +1035,8 @@ def _run_pretraining(
                 set_train_mode(unwrapped, freeze_vision)
                 mask_seed = (training_args.seed * 1_000_003 + micro_batch) * 1009 + accelerator.process_index
                 inputs, retrieval_stats = builder(batch, query, mask_seed)
+                if "view_pixel_values" in batch and "knowledge_labels" in inputs:
+                    inputs["view_pixel_values"] = batch["view_pixel_values"]
                 inputs = {name: value.to(accelerator.device) for name, value in inputs.items()}
                 outputs = model(**inputs)
                 accelerator.backward(outputs.loss)
@@ -1095,6 +1132,19 @@ def _run_pretraining(
         results["history"] = history
         accelerator.end_training()
         return results
+
+    # ---- query-side retriever tuning (knowledge encoder locked), then the final index refresh ------------------------
+    if training_args.query_tuning_steps and retriever is not None:
+        from .query_tuning import tune_retrieval_queries
+
+        results["query_tuning"] = tune_retrieval_queries(
+            accelerator, unwrapped, retriever, train_dataloader, training_args.query_tuning_steps,
+            training_args.query_tuning_learning_rate or training_args.learning_rate, training_args.seed,
+            training_args.image_augmentation, train_vision_tower=not model_args.freeze_vision_tower,
+            train_key_projection=training_args.query_tuning_key_projection,
+            index_batch_size=training_args.index_batch_size, logging_steps=training_args.logging_steps * 5,
+            disable_tqdm=training_args.disable_tqdm,
+        )
 
     # ---- end: final index refresh, evaluation, save ----------------------------------------------------------------
     if refresher is not None:
