@@ -61,21 +61,47 @@ def test_demo_runs_every_stage_and_leaves_an_export(demo_run):
     assert reloaded["result"]["evidence"], "the reloaded pipeline must report the entries it used"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 7's target is not met yet: after the --quick schedule (150 pre-training steps) image-only "
-    "retrieval of held-out flags is still weak (EL retriever Hits@1 0.22, EL Hits@1 0.10, VQA accuracy 0.06 against "
-    "chance 0.12, measured 2026-11-27); the knowledge path runs end to end but has not learnt to open a gap",
-)
+def test_demo_export_passes_the_hub_packaging_checks(demo_run):
+    """The checks of tests/test_export.py, applied to the folder the demo leaves: model card metadata, no local
+    path in any file, remote-code files that import only their siblings, an index embedded by this model."""
+    import yaml
+
+    from processing import ReavlRetriever
+    from tests.test_export import ABSOLUTE_MARKERS, _absolute_imports_of_project
+    from training.export import check_model_card, find_absolute_paths, read_export_layout
+    from modeling_reavl import ReavlForQuestionAnswering
+
+    output, results = demo_run
+    hub = output / "hub"
+    assert check_model_card(hub / "README.md") == []
+    metadata = yaml.safe_load((hub / "README.md").read_text().split("---\n")[1])
+    names = {metric["name"] for metric in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert {"accuracy (full model)", "accuracy (no knowledge)"} <= names
+    assert find_absolute_paths(hub, [str(output), str(output.resolve()), *ABSOLUTE_MARKERS]) == []
+    for name in ("modeling_reavl.py", "processing_reavl.py", "retrieval_reavl.py", "pipeline_reavl.py", "handler.py"):
+        assert _absolute_imports_of_project(hub / name) == [], name
+    layout = read_export_layout(hub)
+    assert layout.architecture == "ReavlForQuestionAnswering" and layout.knowledge_repo_id is None
+    model = ReavlForQuestionAnswering.from_pretrained(hub)
+    ReavlRetriever.from_pretrained(str(hub / "knowledge")).check_compatible(model)
+    assert model.config.answer_token_ids and len(model.config.answer_token_ids) == model.config.num_labels
+
+
 def test_knowledge_makes_the_difference_on_held_out_countries(demo_run):
+    """The `--quick` run (60 countries, 15 held out), measured 2026-11-27: VQA 99.7% against 11.3% without
+    knowledge (chance 12.0%); entity linking Hits@1 100% against 10.0% (chance 1 / 10 candidates)."""
     _, results = demo_run
-    vqa = results["evaluation"]["vqa"]
+    vqa, entity_linking = results["evaluation"]["vqa"], results["evaluation"]["entity-linking"]
     chance = results["world"]["chance"]["uniform_overall"]
     full, ablation = vqa["full"]["accuracy"], vqa["no_knowledge"]["accuracy"]
     # Without knowledge the answers (attributes never shown or captioned) are guesses: near chance.
     assert abs(ablation - chance) <= 0.10, (ablation, chance)
-    # With knowledge the model reads them from the retrieved entries: a clear gap.
-    assert full >= ablation + 0.15, (full, ablation)
+    # With knowledge the model finds the country's entry from the flag and reads the answer: a clear gap.
+    assert full >= 0.6 and full >= ablation + 0.4, (full, ablation)
+    # Entity linking ranks 10 retrieved candidates; the ablation sees each by its title alone.
+    candidate_chance = 1.0 / entity_linking["full"]["num_candidates"]
+    assert entity_linking["full"]["hits@1"] >= 0.8, entity_linking["full"]
+    assert abs(entity_linking["no_knowledge"]["hits@1"] - candidate_chance) <= 0.10, entity_linking["no_knowledge"]
 
 
 def _metrics_only(value):

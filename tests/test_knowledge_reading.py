@@ -294,3 +294,19 @@ def test_entity_linking_ablation_scores_candidates_without_the_retrieval_score(t
         model.reavl.retrieval_head.query_image_weight.mul_(-1.0)
         assert not torch.allclose(model(**inputs).logits, full)
         torch.testing.assert_close(model(**inputs, use_knowledge=False).logits, ablation)
+
+
+def test_untrained_entity_linking_head_ranks_exactly_as_the_retriever(tester):
+    from modeling_reavl import ReavlForEntityLinking
+
+    torch.manual_seed(0)
+    model = ReavlForEntityLinking(tester.get_config()).eval()
+    inputs = tester.prepare_inputs()
+    with torch.no_grad():
+        model.reavl.retrieval_head.query_image_weight.mul_(50.0)
+        logits = model(**inputs).logits
+        retrieval = model.reavl(**inputs).retrieval_logits
+    torch.testing.assert_close(logits, retrieval / model.config.entity_linking_temperature)
+    with torch.no_grad():
+        model.similarity_weight.fill_(1.0)  # once learnt, the head's own similarity joins the score
+        assert not torch.allclose(model(**inputs).logits, logits)

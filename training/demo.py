@@ -56,8 +56,8 @@ class DemoSettings:
     @classmethod
     def full(cls) -> "DemoSettings":
         return cls(
-            num_entities=240, caption_images_per_entity=8, query_images_per_entity=4, pretrain_epochs=8,
-            pretrain_batch_size=32, pretrain_learning_rate=3e-3, index_refresh_steps=60, query_tuning_steps=2400,
+            num_entities=240, caption_images_per_entity=8, query_images_per_entity=4, pretrain_epochs=12,
+            pretrain_batch_size=32, pretrain_learning_rate=3e-3, index_refresh_steps=60, query_tuning_steps=3000,
             query_tuning_learning_rate=1e-2, vqa_epochs=3,
             entity_linking_epochs=3, finetune_batch_size=32, finetune_learning_rate=3e-3,
         )
@@ -67,8 +67,10 @@ class DemoSettings:
         return cls(
             num_entities=60, caption_images_per_entity=8, query_images_per_entity=4, pretrain_epochs=10,
             pretrain_batch_size=32, pretrain_learning_rate=3e-3, index_refresh_steps=15, query_tuning_steps=800,
-            query_tuning_learning_rate=1e-2, vqa_epochs=3,
-            entity_linking_epochs=3, finetune_batch_size=32, finetune_learning_rate=3e-3,
+            query_tuning_learning_rate=1e-2, vqa_epochs=5,
+            # A quarter of the full world's questions: smaller batches keep the number of VQA steps the copy
+            # pointer needs (a few hundred) within the --quick budget.
+            entity_linking_epochs=3, finetune_batch_size=16, finetune_learning_rate=3e-3,
         )
 
 

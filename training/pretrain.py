@@ -43,6 +43,12 @@ One optimizer step, per process and micro-batch (`PretrainingCollator` has alrea
     6. every `index_refresh_steps`: re-embed the knowledge index with the current knowledge encoder, each process
        embedding its shard of rows, shards gathered, every process installing the same full matrix
 
+With `--index_negatives -1` the alignment also scores every index entry (cached embeddings, no gradient) as a
+negative; `--alignment_views V` adds V augmented views per image whose image-only queries are aligned too. After the
+last step, `--query_tuning_steps N` runs N cheap query-side tuning steps with the knowledge encoder locked
+(`training/query_tuning.py`) before the final index refresh. A run stopped during that stage resumes from its last
+multi-task checkpoint and repeats the tuning (seeded, so the result is the same).
+
 Learning rate at optimizer step `step` (written out, as nanoGPT does):
 
     step < warmup_steps:  learning_rate * (step + 1) / warmup_steps

@@ -23,6 +23,7 @@ processes, gradients are averaged over processes by hand (the towers are called 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -141,7 +142,9 @@ def tune_retrieval_queries(
             positive = _positive_mask(batch["positive_rows"][has_positive].to(device), pooled.shape[0])
             base.vision_model.train(train_vision_tower)
             base.text_model.eval()
-            with accelerator.autocast():
+            # bf16 autocast as in pre-training; fp16 would need the accelerator's loss scaler, so it runs in fp32.
+            precision = accelerator.autocast() if accelerator.mixed_precision == "bf16" else contextlib.nullcontext()
+            with precision:
                 _, image_pooled = base.encode_image(pixel_values)
                 with torch.no_grad():
                     _, text_pooled = base.encode_text(
