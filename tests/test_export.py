@@ -73,16 +73,19 @@ def build_trained_folder(folder: Path, head: str = "qa", seed: int = 0) -> Path:
     from processing.processing_reavl import ReavlProcessor
 
     torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     if head == "qa":
-        config = ReavlConfig(**TINY_CONFIG, id2label=dict(enumerate(ANSWERS)))
+        # With the answers' token ids, as `reavl finetune` sets them: the head also copies answers from the entries
+        # ("Velmora" and "Ostrand" occur in the knowledge base), so the exported copy path is exercised too.
+        answer_token_ids = [tokenizer(answer, add_special_tokens=False)["input_ids"] for answer in ANSWERS]
+        config = ReavlConfig(**TINY_CONFIG, id2label=dict(enumerate(ANSWERS)), answer_token_ids=answer_token_ids)
         model = ReavlForQuestionAnswering(config)
     else:
         model = ReavlForEntityLinking(ReavlConfig(**{**TINY_CONFIG, "num_knowledge": 3}))
     model.eval()
     image_processor = ViTImageProcessor(size={"height": 30, "width": 30}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = ReavlProcessor(
-        image_processor, AutoTokenizer.from_pretrained(minilm_path()), num_knowledge=model.config.num_knowledge,
-        max_knowledge_length=16,
+        image_processor, tokenizer, num_knowledge=model.config.num_knowledge, max_knowledge_length=16,
     )
     retriever = build_knowledge_index(model, processor, KNOWLEDGE_BASE, folder / "knowledge", progress=False)
     processor.set_knowledge(retriever)
