@@ -95,9 +95,6 @@ class ReavlConfig(PreTrainedConfig):
             passes); `None` uses the whole batch.
         entity_linking_temperature (`float`, *optional*, defaults to 0.05):
             Temperature of the entity-linking candidate softmax.
-        entity_linking_similarity_init (`float`, *optional*, defaults to 0.0):
-            Initial weight of the entity-linking head's mention-entry similarity beside the retrieval score. 0: an
-            untrained head ranks the candidates exactly as the retriever does; fine-tuning learns the weight.
         answer_token_ids (`list[list[int]]`, *optional*):
             Token ids of each VQA answer label (in label order, without special tokens). When set,
             `ReavlForQuestionAnswering` adds a copy score to each answer's logit: a pointer over the retrieved entries'
@@ -165,7 +162,6 @@ class ReavlConfig(PreTrainedConfig):
     num_itm_hard_negatives: int = 1
     itm_max_examples: int | None = None
     entity_linking_temperature: float = 0.05
-    entity_linking_similarity_init: float = 0.0
     answer_token_ids: list[list[int]] | None = None
     answer_copy_weight_init: float = 5.0
     classification_num_images: int = 1

@@ -287,6 +287,7 @@ def test_entity_linking_ablation_scores_candidates_without_the_retrieval_score(t
     inputs = tester.prepare_inputs()
     with torch.no_grad():
         model.reavl.retrieval_head.query_image_weight.mul_(50.0)  # make the retrieval logits matter
+        torch.nn.init.normal_(model.mention_projection.weight)  # a trained head has a similarity of its own
         full = model(**inputs).logits
         ablation = model(**inputs, use_knowledge=False).logits
         # The retrieval logits come from the query and the entries' keys, so changing the query's image part moves
@@ -308,5 +309,5 @@ def test_untrained_entity_linking_head_ranks_exactly_as_the_retriever(tester):
         retrieval = model.reavl(**inputs).retrieval_logits
     torch.testing.assert_close(logits, retrieval / model.config.entity_linking_temperature)
     with torch.no_grad():
-        model.similarity_weight.fill_(1.0)  # once learnt, the head's own similarity joins the score
+        torch.nn.init.normal_(model.mention_projection.weight)  # once learnt, the head's own similarity joins in
         assert not torch.allclose(model(**inputs).logits, logits)

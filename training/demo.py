@@ -57,7 +57,7 @@ class DemoSettings:
     def full(cls) -> "DemoSettings":
         return cls(
             num_entities=240, caption_images_per_entity=8, query_images_per_entity=4, pretrain_epochs=12,
-            pretrain_batch_size=32, pretrain_learning_rate=3e-3, index_refresh_steps=60, query_tuning_steps=3000,
+            pretrain_batch_size=32, pretrain_learning_rate=3e-3, index_refresh_steps=60, query_tuning_steps=3600,
             query_tuning_learning_rate=1e-2, vqa_epochs=3,
             entity_linking_epochs=3, finetune_batch_size=32, finetune_learning_rate=3e-3,
         )

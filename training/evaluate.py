@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from .finetune import (
     _entity_linking_note,
+    _without_retriever_order,
     build_collator,
     build_compute_metrics,
     evaluation_arguments,
@@ -134,7 +135,8 @@ def evaluate_model(
             trainer = make_trainer(task, model, processor, evaluation_arguments(scratch, batch_size), collator,
                                    compute_metrics=compute_metrics, retriever=retriever,
                                    num_candidates=num_candidates)
-            results[name] = _strip(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval")
+            metrics = _strip(trainer.evaluate(dataset, metric_key_prefix="eval"), "eval")
+            results[name] = metrics if use_knowledge else _without_retriever_order(metrics)
     return results
 
 
