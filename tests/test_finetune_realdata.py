@@ -40,7 +40,8 @@ its title alone, in index order, without the retrieval score. Same build and fin
 | fine-tuned head | 68.0 | 85.4 | 87.4 | 75.6 |
 | fine-tuned, no knowledge (titles only, no retrieval score) | 31.1 | 74.4 | 87.4 | 48.9 |
 
-The table above is the earlier head (random cosine term at init). Its zero-shot ablation equals the full model exactly (the knowledge gate starts at tanh(0) = 0; checked on the first
+The first table is the earlier head (a random cosine term at init). Its zero-shot ablation equals the full model
+exactly (the knowledge gate starts at tanh(0) = 0; checked on the first
 300 mentions, not rerun on all 5,131); after fine-tuning
 the gate had moved to 0.0006, so the fusion still barely reads the entries and the ablation matches to 4 decimals:
 the gain came from the head comparing the mention with the candidate entries. For orientation (data README): name
