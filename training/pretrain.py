@@ -47,7 +47,7 @@ With `--index_negatives -1` the alignment also scores every index entry (cached 
 negative; `--alignment_views V` adds V augmented views per image whose image-only queries are aligned too. After the
 last step, `--query_tuning_steps N` runs N cheap query-side tuning steps with the knowledge encoder locked
 (`training/query_tuning.py`) before the final index refresh. A run stopped during that stage resumes from its last
-multi-task checkpoint and repeats the tuning (seeded, so the result is the same).
+multi-task checkpoint and repeats the tuning (seeded; unlike the multi-task resume, not tested for exact equality).
 
 Learning rate at optimizer step `step` (written out, as nanoGPT does):
 
