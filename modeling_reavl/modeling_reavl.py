@@ -951,9 +951,10 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
             # Align the pair's query, the image-only query and (with MLM) the query of the image with the
             # entity-masked caption: knowledge questions rarely name the entity, so retrieval must work when the text
             # carries no identity, from the image and whatever else the text says.
-            queries = [parts["query_embeds"], self.reavl.retrieval_head.query(None, parts["image_pooled"])]
+            head = self.reavl.retrieval_head
+            text_bearing = [parts["query_embeds"]]
             if masked_text_pooled is not None:
-                queries.append(self.reavl.retrieval_head.query(masked_text_pooled, parts["image_pooled"]))
+                text_bearing.append(head.query(masked_text_pooled, parts["image_pooled"]))
             candidates = all_keys
             if negative_keys is not None and negative_keys.shape[0] > 0:
                 # Index-wide negatives (cached index embeddings, no gradient): every entry of the index competes, not
@@ -967,14 +968,14 @@ class ReavlForPreTraining(ReavlPreTrainedModel):
                 positive = torch.cat([positive, positive.new_zeros(batch_size, extra.shape[0])], dim=1)
             # Extra augmented views of each image (vision tower only): their image-only queries share the pair's
             # positives, several looks at an entity per pair for the price of a few small CNN/ViT passes.
-            image_only = [(queries.pop(1), positive)]
+            image_only = [(head.query(None, parts["image_pooled"]), positive)]
             if view_image_pooled is not None:
                 num_views = view_image_pooled.shape[0] // batch_size
-                image_only.append(
-                    (self.reavl.retrieval_head.query(None, view_image_pooled), positive.repeat_interleave(num_views, 0))
-                )
+                image_only.append((head.query(None, view_image_pooled), positive.repeat_interleave(num_views, 0)))
             temperature = self.config.retrieval_temperature
-            losses = [multi_positive_contrastive_loss(query @ candidates.t() / temperature, positive) for query in queries]
+            losses = [
+                multi_positive_contrastive_loss(query @ candidates.t() / temperature, positive) for query in text_bearing
+            ]
             # Image-only queries learn to find the keys but do not move them: keys are anchored by the text-bearing
             # queries (which name or describe the entity). Early image queries are nearly alike, and letting them
             # pull the keys would drag every key towards the same point.

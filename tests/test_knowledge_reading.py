@@ -70,23 +70,6 @@ def test_negative_keys_of_the_wrong_width_are_refused(tester):
         model(**tester.prepare_pretraining_inputs(), negative_keys=torch.zeros(4, tester.retrieval_dim + 1))
 
 
-class _FixedRetriever:
-    """Returns rows 0..K-1 for every query (the builder's contract only; the real index is tested elsewhere)."""
-
-    def __init__(self, num_knowledge, length):
-        self.num_knowledge, self.length = num_knowledge, length
-
-    def retrieve(self, queries, k):
-        batch = queries.shape[0]
-        indices = torch.arange(k).repeat(batch, 1)
-        return {
-            "knowledge_indices": indices.numpy(),
-            "knowledge_scores": torch.zeros(batch, k).numpy(),
-            "knowledge_input_ids": torch.full((batch, k, self.length), 5).numpy(),
-            "knowledge_attention_mask": torch.ones(batch, k, self.length, dtype=torch.long).numpy(),
-        }
-
-
 def test_batch_builder_samples_index_negatives_reproducibly(tester):
     from transformers import BertTokenizerFast
 
@@ -99,15 +82,21 @@ def test_batch_builder_samples_index_negatives_reproducibly(tester):
         "entity_token_mask": torch.zeros(2, 3, dtype=torch.bool),
         "positive_rows": torch.tensor([[0], [1]]),
     }
-    embeddings = torch.randn(30, 8)
-    queries = torch.randn(2, 8)
-    every = KnowledgeBatchBuilder(_FixedRetriever(2, 4), 2, tokenizer, 0.15, index_negatives=-1)
+    from processing import ReavlRetriever
+
+    embeddings = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    queries = embeddings[:2] * 2
+    retriever = ReavlRetriever.from_embeddings(
+        ids=[f"E{row}" for row in range(30)], titles=[f"entry {row}" for row in range(30)],
+        input_ids=[[2, 5, 6, 3]] * 30, embeddings=embeddings.numpy(),
+    )
+    every = KnowledgeBatchBuilder(retriever, 2, tokenizer, 0.15, index_negatives=-1)
     every.set_index_embeddings(embeddings)
     inputs, _ = every(batch, queries, mask_seed=3)
     assert torch.equal(inputs["negative_key_indices"], torch.arange(30))
     torch.testing.assert_close(inputs["negative_keys"], embeddings)
 
-    sampled = KnowledgeBatchBuilder(_FixedRetriever(2, 4), 2, tokenizer, 0.15, index_negatives=10)
+    sampled = KnowledgeBatchBuilder(retriever, 2, tokenizer, 0.15, index_negatives=10)
     sampled.set_index_embeddings(embeddings)
     first, _ = sampled(batch, queries, mask_seed=3)
     again, _ = sampled(batch, queries, mask_seed=3)
@@ -115,7 +104,7 @@ def test_batch_builder_samples_index_negatives_reproducibly(tester):
     assert len(set(first["negative_key_indices"].tolist())) == 10
     assert torch.equal(first["negative_key_indices"], again["negative_key_indices"])  # exact resume
 
-    none = KnowledgeBatchBuilder(_FixedRetriever(2, 4), 2, tokenizer, 0.15)
+    none = KnowledgeBatchBuilder(retriever, 2, tokenizer, 0.15)
     none.set_index_embeddings(embeddings)
     assert "negative_keys" not in none(batch, queries, mask_seed=3)[0]
 

@@ -7,8 +7,8 @@ or in Python: `evaluate_model("vqa", "runs/vqa", "world/vqa_test.json", ablation
 
 The model folder holds the task model and its processor (with `knowledge/`), as `reavl finetune` saves them. The
 ablation runs the same weights with `use_knowledge=False` (for entity linking: the same retrieved candidates, each
-given by its title alone and scored without the retrieval score, the mention read without the entries' tokens). Image-text retrieval uses no knowledge (ITC), so
-it has no ablation. Evaluation runs through `Trainer.evaluate` with the collators and metrics of
+given by its title alone and scored without the retrieval score, the mention read without the entries' tokens).
+Image-text retrieval uses no knowledge (ITC), so it has no ablation. Evaluation runs through `Trainer.evaluate` with the collators and metrics of
 `training.finetune`, so fine-tuning and evaluation score alike.
 
 (This module is `training.evaluate`; `import evaluate` anywhere in the project still means the installed

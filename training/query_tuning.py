@@ -55,17 +55,9 @@ def pooled_knowledge(model, retriever, batch_size: int, device) -> torch.Tensor:
     base = model.reavl
     was_training = base.training
     base.eval()
-    pad = retriever.pad_token_id
     pieces = []
     for start in range(0, len(retriever), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(retriever)))
-        token_ids = retriever.token_ids(rows)
-        width = max(len(tokens) for tokens in token_ids)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, tokens in enumerate(token_ids):
-            ids[row, : len(tokens)] = torch.as_tensor(np.array(tokens, dtype=np.int64))
-            mask[row, : len(tokens)] = 1
+        ids, mask = retriever.get_entries(np.arange(start, min(start + batch_size, len(retriever))))
         _, pooled = base.encode_knowledge(ids.to(device), mask.to(device))
         pieces.append(pooled.float())
     base.train(was_training)
