@@ -198,6 +198,8 @@ def test_checkpoint_of_another_configuration_refuses_to_resume(resumed_runs, cap
     assert "per_device_train_batch_size (checkpoint '8', this run '4')" in message
     with pytest.raises(CheckpointMismatchError, match=r"model_config \(checkpoint"):
         run_pretraining(**{**arguments, "num_knowledge": 2})
+    with pytest.raises(CheckpointMismatchError, match=r"index_negatives \(checkpoint '0', this run '-1'\)"):
+        run_pretraining(**{**arguments, "index_negatives": -1})
     # Through the CLI: exit status 2 and the reason on stderr, nothing overwritten.
     before = sorted(path.name for path in (output_dir / "checkpoints").iterdir())
     assert main(as_argv({**arguments, "max_train_pairs": 40})) == 2

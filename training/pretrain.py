@@ -544,6 +544,10 @@ def run_fingerprint(config, train_dataset, knowledge_base, training_args, num_pr
         "per_device_train_batch_size": str(training_args.per_device_train_batch_size),
         "gradient_accumulation_steps": str(training_args.gradient_accumulation_steps),
         "num_processes": str(num_processes),
+        # What each step computes from the data: a resume under other values would not continue the same run.
+        "image_augmentation": str(training_args.image_augmentation),
+        "alignment_views": str(training_args.alignment_views),
+        "index_negatives": str(training_args.index_negatives),
     }
 
 
