@@ -88,8 +88,8 @@ def test_demo_export_passes_the_hub_packaging_checks(demo_run):
 
 
 def test_knowledge_makes_the_difference_on_held_out_countries(demo_run):
-    """The `--quick` run (60 countries, 15 held out), measured 2026-11-27: VQA 99.7% against 11.3% without
-    knowledge (chance 12.0%); entity linking Hits@1 100% against 3.3% (chance 1 / 10 candidates)."""
+    """The `--quick` run (60 countries, 15 held out), measured 2026-11-27: VQA 97.3% against 10.7% without
+    knowledge (chance 12.0%); entity linking Hits@1 100% against 6.7% (chance 1 / 10 candidates)."""
     _, results = demo_run
     vqa, entity_linking = results["evaluation"]["vqa"], results["evaluation"]["entity-linking"]
     chance = results["world"]["chance"]["uniform_overall"]
